@@ -1,0 +1,13 @@
+"""flagjax: Byzantine-robust aggregation for JAX.
+
+The Flag Aggregator (Almasi et al., ICLR 2024) and the classic robust rules as pure, jittable,
+vmappable functions of stacked worker updates; pre-aggregators; Byzantine attacks; an optax
+``Aggregator``; and a worker simulator on one device (vmap) or many (pmap, shard_map).
+"""
+
+from flagjax import aggregators
+from flagjax import core
+
+__version__ = "0.1.0"
+
+__all__ = ["aggregators", "core"]

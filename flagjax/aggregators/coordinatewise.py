@@ -1,0 +1,77 @@
+r"""Coordinate-wise rules: order statistics per coordinate over the worker axis.
+
+Every rule here reads a few sorted positions per coordinate from the shared sorting network
+(:mod:`flagjax.core.sorting`); none sorts along axis 0. They need no reduction over
+coordinates, so with ``axis_name`` set (a coordinate shard inside ``shard_map``) the result is
+the shard of the unsharded answer as is.
+
+NaN is sorted as ``+inf``: with at most ``f`` non-finite workers, the values a rule averages
+(the middle positions) are finite.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from flagjax.core import checks
+from flagjax.core import sorting
+from flagjax.core import tree as tree_lib
+
+
+def _per_leaf(fn, x):
+  """Applies ``fn(rows) -> value`` to each leaf's worker rows in compute dtype."""
+  def leaf_fn(leaf):
+    rows = [tree_lib.to_compute(r) for r in tree_lib.rows(leaf)]
+    return fn(rows).astype(leaf.dtype)
+  return jax.tree.map(leaf_fn, x)
+
+
+def median(x, *, axis_name=None):
+  r"""Coordinate-wise median: per coordinate the middle value; even ``n`` averages the two.
+
+  Args:
+    x: stacked worker updates ``[n, ...]`` or a pytree of them.
+    axis_name: accepted for a uniform signature (no cross-coordinate reduction is needed).
+
+  Returns:
+    The coordinate-wise median, shaped like one worker's update.
+
+  References:
+    Yin et al., "Byzantine-Robust Distributed Learning: Towards Optimal Statistical Rates",
+    ICML 2018.
+  """
+  del axis_name
+  n = tree_lib.num_workers("median", x)
+  positions = sorting.median_positions(n)
+  return _per_leaf(
+      lambda rows: sorting.median_of_sorted(sorting.order_statistics(rows, positions)), x)
+
+
+def trimmed_mean(x, f: int, *, axis_name=None):
+  r"""Coordinate-wise trimmed mean: drop the ``f`` largest and ``f`` smallest, average the rest.
+
+  .. math:: \mathrm{TM}(x)_k = \frac{1}{n - 2f} \sum_{p=f}^{n-f-1} x_{(p),k}
+
+  where :math:`x_{(p),k}` is the p-th smallest value of coordinate k. Needs ``n > 2f``.
+
+  Args:
+    x: stacked worker updates ``[n, ...]`` or a pytree of them.
+    f: number of Byzantine workers tolerated (static).
+    axis_name: accepted for a uniform signature.
+
+  Returns:
+    The trimmed mean, shaped like one worker's update.
+
+  References:
+    Yin et al., ICML 2018.
+  """
+  del axis_name
+  f = checks.check_num_byzantine("trimmed_mean", f)
+  n = tree_lib.num_workers("trimmed_mean", x)
+  checks.require("trimmed_mean", n > 2 * f, "n > 2*f", n=n, f=f)
+  positions = range(f, n - f)
+
+  def fn(rows):
+    kept = sorting.order_statistics(rows, positions)
+    return sum(kept[1:], kept[0]) / (n - 2 * f)
+  return _per_leaf(fn, x)
