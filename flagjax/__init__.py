@@ -6,8 +6,12 @@ vmappable functions of stacked worker updates; pre-aggregators; Byzantine attack
 """
 
 from flagjax import aggregators
+from flagjax import attacks
 from flagjax import core
+from flagjax import preaggregators
+from flagjax import sim
+from flagjax.aggregating import aggregate
 
 __version__ = "0.1.0"
 
-__all__ = ["aggregators", "core"]
+__all__ = ["aggregate", "aggregators", "attacks", "core", "preaggregators", "sim"]

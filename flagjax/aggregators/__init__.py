@@ -6,12 +6,36 @@ Gram-space rules (coefficients from ``K = X X^T``): :func:`mean`, :func:`krum`,
 :func:`median`, :func:`trimmed_mean`, :func:`meamed`, :func:`phocas`; :func:`bulyan` uses both.
 """
 
+from flagjax.aggregators.centered_clipping import centered_clipping
+from flagjax.aggregators.coordinatewise import meamed
 from flagjax.aggregators.coordinatewise import median
+from flagjax.aggregators.coordinatewise import phocas
 from flagjax.aggregators.coordinatewise import trimmed_mean
+from flagjax.aggregators.flag import FlagResult
+from flagjax.aggregators.flag import flag
+from flagjax.aggregators.flag import flag_solve
+from flagjax.aggregators.geometric_median import geometric_median
+from flagjax.aggregators.krum import bulyan
+from flagjax.aggregators.krum import krum
+from flagjax.aggregators.krum import multi_krum
+from flagjax.aggregators.mda import mda
 from flagjax.aggregators.mean import mean
+from flagjax.aggregators.monna import monna
 
 __all__ = [
+    "FlagResult",
+    "bulyan",
+    "centered_clipping",
+    "flag",
+    "flag_solve",
+    "geometric_median",
+    "krum",
+    "mda",
+    "meamed",
     "mean",
     "median",
+    "monna",
+    "multi_krum",
+    "phocas",
     "trimmed_mean",
 ]

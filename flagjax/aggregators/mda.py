@@ -1,0 +1,6 @@
+"""Placeholder: being written (see the open issues)."""
+
+def mda(*args, **kwargs):
+  raise NotImplementedError("mda is being written")
+
+

@@ -1,0 +1,6 @@
+"""Placeholder: being written (see the open issues)."""
+
+def monna(*args, **kwargs):
+  raise NotImplementedError("monna is being written")
+
+
