@@ -10,8 +10,13 @@ from flagjax import attacks
 from flagjax import core
 from flagjax import preaggregators
 from flagjax import sim
+from flagjax.aggregating import AggregateState
+from flagjax.aggregating import WorkerMomentumState
 from flagjax.aggregating import aggregate
+from flagjax.aggregating import preaggregate
+from flagjax.aggregating import worker_momentum
 
 __version__ = "0.1.0"
 
-__all__ = ["aggregate", "aggregators", "attacks", "core", "preaggregators", "sim"]
+__all__ = ["AggregateState", "WorkerMomentumState", "aggregate", "aggregators", "attacks", "core",
+           "preaggregate", "preaggregators", "sim", "worker_momentum"]

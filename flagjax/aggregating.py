@@ -1,6 +1,427 @@
-"""Placeholder: being written (see the open issues)."""
+r"""The optax side: robust rules as ``optax.experimental.aggregating.Aggregator`` s.
 
-def aggregate(*args, **kwargs):
-  raise NotImplementedError("aggregate is being written")
+:func:`aggregate` wraps any rule of :mod:`flagjax.aggregators` into optax's type for
+"per-worker updates in, one update out", so it composes like any optax transformation::
+
+    tx = optax.chain(flagjax.aggregate(flagjax.aggregators.flag, rank=8), optax.sgd(0.1))
+    tx = aggregating.process(flagjax.preaggregate(flagjax.preaggregators.nnm, f=2),
+                             flagjax.aggregate(flagjax.aggregators.krum, f=2),
+                             optax.adam(1e-3))
+
+Per-worker transforms (stacked ``[n, ...]`` in, stacked ``[n', ...]`` out) go in front of the
+aggregator, in ``optax.chain`` or in the ``pre`` slot of ``aggregating.process``:
+:func:`preaggregate` (any pre-aggregator of :mod:`flagjax.preaggregators`, or
+:func:`flagjax.attacks.lossy`) and :func:`worker_momentum`.
+
+Stateful aggregation keeps its state in the optax state (:class:`AggregateState`), never in a
+Python object: centered clipping around the previous aggregate, and worker momentum
+(``aggregate(rule, worker_momentum=beta, num_workers=n)``).
+
+Calling convention of every ``update`` here (shared with :mod:`flagjax.sim`):
+``update(updates, state, params=None, *, axis_name=None, gather=None, scatter=None, key=None)``.
+
+* ``axis_name=None``: each leaf of ``updates`` is ``[n, *leaf_shape]``; the aggregate is
+  shaped like ``params``.
+* ``axis_name`` set (inside ``shard_map``/``pmap``): each leaf is ``[n, s]``, this device's
+  coordinate shard of the flattened, zero-padded leaf. The rule runs on the shards
+  (Gram-space rules ``psum`` one ``n x n`` Gram) and ``gather(tree of [..., s]) -> params
+  layout`` returns the full aggregate, replicated. State is kept in the natural (params)
+  layout; ``scatter(params layout) -> tree of [..., s]`` takes this device's slice.
+* ``key``: a ``jax.random`` key for transforms that need one (bucketing, lossy links); it
+  must be the same on every device.
+
+Unknown extra keyword arguments are ignored (so the sim's extras pass through ``optax.chain``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from typing import Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax.experimental import aggregating
+
+from flagjax.aggregators.mean import mean as _mean_rule
+from flagjax.core import gram as gram_lib
+from flagjax.core import tree as tree_lib
+
+PyTree = tree_lib.PyTree
 
 
+class AggregateState(NamedTuple):
+  """State of :func:`aggregate`.
+
+  Attributes:
+    coefficients: ``[n]`` float32 per-worker coefficients of the last aggregate
+      (``aggregate = sum_i c_i x_i`` over the rows the rule received); NaN when the rule is
+      not Gram-space (coordinate-wise rules, Bulyan). ``[0]`` after ``init`` when
+      ``num_workers`` was not given (it becomes ``[n]`` at the first update).
+    aggregate_norm: ``[]`` float32 norm of the last aggregate (NaN before the first update).
+    previous_aggregate: for a rule with a ``center`` argument (centered clipping) not given
+      one: the last aggregate, shaped like params (zeros at ``init``), the next centre.
+      None otherwise.
+    worker_momentum: with ``worker_momentum=beta``: the workers' momenta ``[n, *params]``
+      (natural layout, also when sharded). None otherwise.
+  """
+  coefficients: jax.Array
+  aggregate_norm: jax.Array
+  previous_aggregate: Optional[PyTree] = None
+  worker_momentum: Optional[PyTree] = None
+
+
+class WorkerMomentumState(NamedTuple):
+  """State of :func:`worker_momentum`: the momenta ``[n, *params]`` (natural layout)."""
+  momentum: PyTree
+
+
+# ---------------------------------------------------------------------------------------------
+# Small helpers.
+
+
+def _name(fn: Callable) -> str:
+  return getattr(fn, "__name__", None) or type(fn).__name__
+
+
+def _parameters(fn: Callable) -> dict:
+  try:
+    return dict(inspect.signature(fn).parameters)
+  except (TypeError, ValueError):
+    return {}
+
+
+def _takes(fn: Callable, name: str) -> bool:
+  parameter = _parameters(fn).get(name)
+  return parameter is not None and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD,
+                                                      parameter.KEYWORD_ONLY)
+
+
+def _check_sharding(name: str, axis_name, gather, scatter, need_scatter: bool) -> None:
+  if axis_name is None:
+    return
+  if gather is None or (need_scatter and scatter is None):
+    raise ValueError(f"{name} needs gather= and scatter= with axis_name= (coordinate shards "
+                     f"in, the aggregate in params layout out); see flagjax.aggregate")
+
+
+def _zeros_per_worker(params: PyTree, num_workers: int) -> PyTree:
+  return jax.tree.map(lambda p: jnp.zeros((num_workers,) + jnp.shape(p), jnp.result_type(p)),
+                      params)
+
+
+def _check_num_workers(name: str, option: str, value) -> int:
+  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    raise ValueError(f"{name} needs {option} as a static Python int >= 1, got {value!r}")
+  return value
+
+
+def _check_beta(name: str, option: str, beta) -> float:
+  if not 0.0 <= beta < 1.0:
+    raise ValueError(f"{name} needs 0 <= {option} < 1, got {option}={beta}")
+  return beta
+
+
+def _momentum_step(momentum: PyTree, updates: PyTree, beta: float, *, axis_name, gather,
+                   scatter) -> tuple[PyTree, PyTree]:
+  r"""``m_i <- beta m_i + (1 - beta) g_i`` for every row; ``(rows to use, new momentum)``.
+
+  ``momentum`` is in natural layout ``[n, *params]``; with ``axis_name`` the rows are shards
+  ``[n, s]``, so the momentum's shard is taken with ``scatter`` and the new momentum gathered
+  back. The arithmetic runs in the momentum's dtype (the params').
+  """
+  previous = momentum if axis_name is None else scatter(momentum)
+  rows = jax.tree.map(lambda m, g: beta * m + (1.0 - beta) * g.astype(m.dtype),
+                      previous, updates)
+  new_momentum = rows if axis_name is None else gather(rows)
+  return rows, new_momentum
+
+
+# ---------------------------------------------------------------------------------------------
+# Coefficients: the Gram-space path (K once, coefficients, one combination).
+
+
+def coefficients_function(rule: Callable) -> Optional[Callable]:
+  """The ``<rule>_coefficients(K, ...)`` function of a Gram-space rule, or None.
+
+  Found by name in the rule's module (the convention of :mod:`flagjax.aggregators`), so a
+  user's rule gets coefficient reporting by following it.
+  """
+  name = getattr(rule, "__name__", None)
+  module = sys.modules.get(getattr(rule, "__module__", None) or "")
+  if name is None or module is None:
+    return None
+  candidate = getattr(module, f"{name}_coefficients", None)
+  return candidate if callable(candidate) else None
+
+
+def _binds(fn: Callable, *args, **kwargs) -> bool:
+  try:
+    inspect.signature(fn).bind(*args, **kwargs)
+  except (TypeError, ValueError):
+    return False
+  return True
+
+
+def _shape_of(tree: PyTree) -> PyTree:
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), tree)
+
+
+def _apply_rule(rule: Callable, rows: PyTree, hparams: dict, *, axis_name, key,
+                has_center: bool, center) -> tuple[PyTree, jax.Array]:
+  """``(aggregate (or its shard), coefficients [n] float32)`` of ``rule`` on ``rows``.
+
+  Gram-space rules with a coefficients function run as ``K`` once (``psum``-ed over
+  ``axis_name``), ``c = coefficients(K, **hparams)``, ``sum_i c_i x_i``: the same work as the
+  rule, with ``c`` kept for reporting. Any other rule is called as is (coefficients NaN).
+  """
+  n = tree_lib.num_workers(_name(rule), rows)
+  kwargs = dict(hparams)
+  if key is not None and _takes(rule, "key") and "key" not in kwargs:
+    kwargs["key"] = key
+  if has_center:
+    kwargs["center"] = center
+
+  if rule is _mean_rule:
+    coefficients = jnp.full((n,), 1.0 / n, jnp.float32)
+    return gram_lib.combine(coefficients, rows), coefficients
+
+  coefficients_fn = coefficients_function(rule)
+  coefficient_kwargs = {k: v for k, v in kwargs.items() if k != "center"}
+  if coefficients_fn is None or not _binds(coefficients_fn, None, **coefficient_kwargs):
+    aggregate = rule(rows, **kwargs) if axis_name is None else rule(
+        rows, axis_name=axis_name, **kwargs)
+    return aggregate, jnp.full((n,), jnp.nan, jnp.float32)
+
+  # The rule's own trace-time checks (bounds on n and f, hyperparameters): shapes only.
+  jax.eval_shape(lambda r, c: rule(r, **{**kwargs, **({"center": c} if has_center else {})}),
+                 _shape_of(rows), _shape_of(center) if has_center else None)
+  if not has_center:
+    K = gram_lib.gram(rows, axis_name=axis_name)
+    coefficients = coefficients_fn(K, **coefficient_kwargs)
+    return gram_lib.combine(coefficients, rows), coefficients.astype(jnp.float32)
+  # A rule with a centre (centered clipping): the centre is row n of K; its coefficient is
+  # the last one. Without a centre, K is padded with a zero row (no pass over zeros).
+  if center is None:
+    K = jnp.pad(gram_lib.gram(rows, axis_name=axis_name), ((0, 1), (0, 1)))
+    coefficients = coefficients_fn(K, **coefficient_kwargs)
+    aggregate = gram_lib.combine(coefficients[:n], rows)
+  else:
+    K = gram_lib.gram(rows, axis_name=axis_name, extra=center)
+    coefficients = coefficients_fn(K, **coefficient_kwargs)
+    aggregate = gram_lib.combine(coefficients, rows, extra=center)
+  return aggregate, coefficients[:n].astype(jnp.float32)
+
+
+def _global_norm(tree: PyTree) -> jax.Array:
+  return jnp.sqrt(sum(jnp.sum(jnp.square(tree_lib.to_compute(leaf).astype(jnp.float32)))
+                      for leaf in jax.tree.leaves(tree)))
+
+
+_PREVIOUS = object()  # sentinel: "centre = the previous aggregate, kept in the state"
+
+
+# ---------------------------------------------------------------------------------------------
+# Public transforms.
+
+
+def aggregate(rule: Callable, *, worker_momentum: Optional[float] = None,
+              num_workers: Optional[int] = None, **hparams) -> aggregating.Aggregator:
+  r"""A robust rule as an optax ``Aggregator``: stacked worker updates in, one update out.
+
+  ``update(updates, state, params=None, *, axis_name=None, gather=None, scatter=None,
+  key=None)`` follows the module's calling convention: ``updates`` holds ``n`` rows (leaves
+  ``[n, *leaf_shape]``, or coordinate shards ``[n, s]`` with ``axis_name``), the result is
+  ``rule(updates, **hparams)`` shaped like params (gathered and replicated when sharded).
+
+  * Gram-space rules (those with a ``<rule>_coefficients(K, ...)`` function, and ``mean``)
+    form ``K`` once and report their per-worker coefficients in
+    ``AggregateState.coefficients`` at no extra cost; other rules report NaN.
+  * A rule with a ``center`` argument (centered clipping) not given one in ``hparams`` is
+    stateful: the centre is the previous aggregate, kept in
+    ``AggregateState.previous_aggregate`` (zeros at ``init``),
+
+    .. math:: v_t = \mathrm{CC}(x^{(t)}; \text{center} = v_{t-1}), \qquad v_{-1} = 0.
+
+  * ``worker_momentum=beta``: each row's momentum
+    :math:`m_i \leftarrow \beta m_i + (1 - \beta) g_i` (zeros at ``init``, no bias
+    correction) is kept in ``AggregateState.worker_momentum`` ``[n, *params]`` and the rule
+    aggregates the momenta instead of the raw rows. Needs ``num_workers``. When sharded, the
+    momenta stay in natural layout (replicated: ``n x d`` per device, gathered every step).
+    A row that is ever non-finite keeps a non-finite momentum (that worker stays Byzantine).
+    The momentum acts on the rows this aggregator receives: to take it *before* a
+    pre-aggregator (e.g. bucketing, as Karimireddy et al. 2022 do), put
+    :func:`worker_momentum` in front of :func:`preaggregate` instead.
+
+  Bounds are checked when ``update`` is traced, with the rule's own ``ValueError``.
+
+  Args:
+    rule: any rule ``rule(x, **hparams, axis_name=None)`` of :mod:`flagjax.aggregators` (or
+      one following its conventions).
+    worker_momentum: ``beta`` in ``[0, 1)``, or None for no worker momentum.
+    num_workers: ``n``, the number of rows the aggregator receives (static). Needed with
+      ``worker_momentum``; otherwise optional, and when given the state has its final shape
+      from ``init`` (what ``lax.scan`` over steps needs) and ``n`` is checked at ``update``.
+    **hparams: the rule's hyperparameters (e.g. ``f=2``, ``rank=8``).
+
+  Returns:
+    An ``optax.experimental.aggregating.Aggregator`` with :class:`AggregateState`.
+
+  Example:
+    >>> import jax.numpy as jnp, optax, flagjax
+    >>> tx = optax.chain(flagjax.aggregate(flagjax.aggregators.krum, f=1), optax.sgd(1.0))
+    >>> params = jnp.zeros(2)
+    >>> grads = jnp.array([[1.0, 1.0], [1.1, 1.0], [0.9, 1.1], [1.0, 1.05], [99.0, 99.0]])
+    >>> updates, state = tx.update(grads, tx.init(params), params)
+    >>> print(updates, state[0].coefficients)
+    [-1. -1.] [1. 0. 0. 0. 0.]
+
+  References:
+    Karimireddy, He, Jaggi, "Learning from History for Byzantine Robust Optimization",
+    ICML 2021 (centered clipping around the last aggregate; worker momentum).
+  """
+  rule_name = _name(rule)
+  name = f"aggregate({rule_name})"
+  if worker_momentum is not None:
+    _check_beta(name, "worker_momentum", worker_momentum)
+    if num_workers is None:
+      raise ValueError(f"{name} needs num_workers=n with worker_momentum (the state holds one "
+                       f"momentum per worker)")
+  if num_workers is not None:
+    num_workers = _check_num_workers(name, "num_workers", num_workers)
+  hparams = dict(hparams)
+  for reserved in ("axis_name", "gather", "scatter"):
+    if reserved in hparams:
+      raise ValueError(f"{name} gets {reserved} at update time, not as a hyperparameter")
+  has_center = _takes(rule, "center")
+  fixed_center = hparams.pop("center", _PREVIOUS) if has_center else _PREVIOUS
+  keeps_center = has_center and fixed_center is _PREVIOUS
+
+  def init_fn(params):
+    return AggregateState(
+        coefficients=jnp.full((num_workers or 0,), jnp.nan, jnp.float32),
+        aggregate_norm=jnp.asarray(jnp.nan, jnp.float32),
+        previous_aggregate=(jax.tree.map(jnp.zeros_like, params) if keeps_center else None),
+        worker_momentum=(_zeros_per_worker(params, num_workers)
+                         if worker_momentum is not None else None))
+
+  def update_fn(updates, state, params=None, *, axis_name=None, gather=None, scatter=None,
+                key=None, **extra_args):
+    del params, extra_args
+    sharded = axis_name is not None
+    _check_sharding(name, axis_name, gather, scatter,
+                    need_scatter=worker_momentum is not None or has_center)
+    n = tree_lib.num_workers(rule_name, updates)
+    if num_workers is not None and n != num_workers:
+      raise ValueError(f"{name} was built with num_workers={num_workers}, got n={n} rows")
+    rows, new_momentum = updates, None
+    if worker_momentum is not None:
+      rows, new_momentum = _momentum_step(state.worker_momentum, updates, worker_momentum,
+                                          axis_name=axis_name, gather=gather, scatter=scatter)
+    center = None
+    if keeps_center:
+      center = state.previous_aggregate
+    elif has_center:
+      center = fixed_center
+    if center is not None and sharded:
+      center = scatter(center)
+    result, coefficients = _apply_rule(rule, rows, hparams, axis_name=axis_name, key=key,
+                                       has_center=has_center, center=center)
+    full = gather(result) if sharded else result
+    new_state = AggregateState(
+        coefficients=coefficients,
+        aggregate_norm=_global_norm(full),
+        previous_aggregate=(jax.tree.map(lambda old, new: new.astype(old.dtype),
+                                         state.previous_aggregate, full)
+                            if keeps_center else None),
+        worker_momentum=new_momentum)
+    return full, new_state
+
+  return aggregating.Aggregator(init_fn, update_fn)
+
+
+def preaggregate(preaggregator: Callable, **hparams) -> optax.GradientTransformationExtraArgs:
+  r"""A pre-aggregator as a per-worker transform: stacked ``[n, ...]`` in, ``[n', ...]`` out.
+
+  For the ``pre`` slot of ``optax.experimental.aggregating.process`` or in front of
+  :func:`aggregate` in ``optax.chain``. Calls
+  ``preaggregator(updates, **hparams, axis_name=axis_name)`` (``axis_name`` only when set);
+  a pre-aggregator with a ``key`` argument (bucketing, :func:`flagjax.attacks.lossy`) gets the
+  ``key`` passed to ``update``, which must then be given (the same on every device, so the
+  shards agree). Stateless (``optax.EmptyState``).
+
+  Args:
+    preaggregator: e.g. ``flagjax.preaggregators.nnm`` / ``bucketing`` / ``clip`` / ``arc``.
+    **hparams: its hyperparameters (``f=2``, ``s=2``, ``c=1.0``, ...).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs``.
+
+  Example:
+    >>> import optax, flagjax
+    >>> from optax.experimental import aggregating
+    >>> tx = aggregating.process(
+    ...     flagjax.preaggregate(flagjax.preaggregators.nnm, f=1),
+    ...     flagjax.aggregate(flagjax.aggregators.trimmed_mean, f=1), optax.adam(1e-3))
+  """
+  name = f"preaggregate({_name(preaggregator)})"
+  needs_key = _takes(preaggregator, "key") and "key" not in hparams
+
+  def update_fn(updates, state, params=None, *, axis_name=None, key=None, **extra_args):
+    del params, extra_args
+    kwargs = dict(hparams)
+    if needs_key:
+      if key is None:
+        raise ValueError(f"{name} needs a jax.random key: pass key= to update")
+      kwargs["key"] = key
+    if axis_name is not None:
+      kwargs["axis_name"] = axis_name
+    return preaggregator(updates, **kwargs), state
+
+  return optax.GradientTransformationExtraArgs(lambda params: optax.EmptyState(), update_fn)
+
+
+def worker_momentum(beta: float = 0.9, *,
+                    num_workers: int) -> optax.GradientTransformationExtraArgs:
+  r"""Per-worker momentum as a per-worker transform: row ``i`` becomes its momentum
+
+  .. math:: m_i \leftarrow \beta m_i + (1 - \beta) g_i, \qquad m_i = 0 \text{ at init}
+
+  (Karimireddy et al. 2021: aggregating the workers' momenta instead of their raw gradients
+  averages out the noise that lets Byzantine rows hide). Same arithmetic as
+  ``aggregate(rule, worker_momentum=beta, num_workers=n)``; as its own transform it can go
+  before a pre-aggregator, e.g. ``chain(worker_momentum(0.9, num_workers=n),
+  preaggregate(bucketing, s=2))`` in the ``pre`` slot. Sharded (``axis_name`` with
+  ``gather``/``scatter``): the momenta are kept in natural layout ``[n, *params]``.
+
+  Args:
+    beta: momentum in ``[0, 1)``.
+    num_workers: ``n``, rows per update (static).
+
+  Returns:
+    An ``optax.GradientTransformationExtraArgs`` with :class:`WorkerMomentumState`.
+
+  References:
+    Karimireddy, He, Jaggi, "Learning from History for Byzantine Robust Optimization",
+    ICML 2021.
+  """
+  _check_beta("worker_momentum", "beta", beta)
+  num_workers = _check_num_workers("worker_momentum", "num_workers", num_workers)
+
+  def init_fn(params):
+    return WorkerMomentumState(_zeros_per_worker(params, num_workers))
+
+  def update_fn(updates, state, params=None, *, axis_name=None, gather=None, scatter=None,
+                **extra_args):
+    del params, extra_args
+    _check_sharding("worker_momentum", axis_name, gather, scatter, need_scatter=True)
+    n = tree_lib.num_workers("worker_momentum", updates)
+    if n != num_workers:
+      raise ValueError(f"worker_momentum was built with num_workers={num_workers}, "
+                       f"got n={n} rows")
+    rows, momentum = _momentum_step(state.momentum, updates, beta, axis_name=axis_name,
+                                    gather=gather, scatter=scatter)
+    return rows, WorkerMomentumState(momentum)
+
+  return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -1,6 +1,113 @@
-"""Placeholder: being written (see the open issues)."""
+r"""Centered clipping in Gram space, with the centre as an extra row.
 
-def centered_clipping(*args, **kwargs):
-  raise NotImplementedError("centered_clipping is being written")
+The iterate is kept as coefficients over the ``n`` rows and the centre,
+:math:`v = \sum_{j<n} a_j x_j + a_n v_0`, so every distance :math:`|x_i - v|` comes from the
+``(n + 1) x (n + 1)`` Gram matrix of the rows and the centre. Without a centre (``v_0 = 0``)
+the Gram of the rows is padded with a zero row and column: no extra pass over the input.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from flagjax.core import gram as gram_lib
+from flagjax.core import tree as tree_lib
+
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
+def centered_clipping_coefficients(K: jax.Array, *, tau: float = 10.0,
+                                   num_iters: int = 3) -> jax.Array:
+  r"""Coefficients of centered clipping from the Gram matrix of the rows and the centre.
+
+  With :math:`v = \sum_{j \le n} a_j y_j` over the rows :math:`y_{0..n-1} = x` and
+  :math:`y_n = v_0` (the centre), starting from :math:`a = e_n` (``v = v_0``), each of the
+  ``num_iters`` steps is
+
+  .. math:: v \leftarrow v + \frac{1}{n} \sum_i s_i (x_i - v), \qquad
+            s_i = \min\left(1, \frac{\tau}{|x_i - v|}\right),
+
+  i.e. :math:`a \leftarrow (1 - \tfrac{1}{n}\sum_i s_i)\, a + \tfrac{1}{n} (s, 0)`, with
+  :math:`|x_i - v|^2 = K_{ii} - 2 (K a)_i + a^\top K a`. A non-finite row gets
+  :math:`s_i = 0`: it contributes nothing to the step (the mean still divides by ``n``, as if
+  the row sat on ``v``). A row at distance 0 gets :math:`s_i = 1`.
+
+  Args:
+    K: Gram matrix ``[n + 1, n + 1]`` of the ``n`` rows and the centre (last row), e.g.
+      ``gram(x, extra=center)``; a zero last row and column when the centre is zero.
+    tau: the clipping radius.
+    num_iters: the number of clipping steps (static).
+
+  Returns:
+    Coefficients ``[n + 1]``; the last multiplies the centre. Non-finite rows get 0.
+    A non-finite centre (trusted, e.g. the last aggregate) makes them NaN.
+
+  References:
+    Karimireddy, He, Jaggi, "Learning from History for Byzantine Robust Optimization",
+    ICML 2021.
+  """
+  num_rows = K.shape[0] - 1
+  finite_rows = gram_lib.finite_rows(K)
+  # Only the rows are screened: the centre is trusted, a non-finite one must show.
+  finite = jnp.concatenate([finite_rows[:num_rows], jnp.ones((1,), bool)])
+  both = finite[:, None] & finite[None, :]
+  K = jnp.where(both, K, 0)
+  diag = jnp.diagonal(K)[:num_rows]
+  row_mask = finite[:num_rows]
+
+  def step(_, a):
+    Ka = jnp.matmul(K, a, precision=_HIGHEST)
+    sq_dist = jnp.maximum(diag - 2 * Ka[:num_rows] + jnp.dot(a, Ka, precision=_HIGHEST), 0)
+    dist = jnp.sqrt(sq_dist)
+    # min(1, tau / dist) written so that dist = 0 gives 1, never tau / 0.
+    scale = jnp.where(dist > tau, tau / jnp.where(dist > tau, dist, 1), 1)
+    scale = jnp.where(row_mask, scale, 0) / num_rows
+    return (1 - jnp.sum(scale)) * a + jnp.concatenate([scale, jnp.zeros((1,), a.dtype)])
+
+  start = jnp.zeros((num_rows + 1,), K.dtype).at[num_rows].set(1)
+  coefficients = jax.lax.fori_loop(0, num_iters, step, start)
+  # A non-finite centre would otherwise drop out silently (NaN distances clip nothing, and
+  # its own coefficient reaches exactly 0 after one step), leaving the plain mean.
+  return jnp.where(finite_rows[num_rows], coefficients, jnp.nan)
+
+
+def centered_clipping(x, center=None, *, tau: float = 10.0, num_iters: int = 3,
+                      axis_name=None):
+  r"""Centered clipping: clipped mean steps around a centre.
+
+  .. math:: v_0 = \text{center}\ (0\ \text{if None}), \qquad
+            v \leftarrow v + \frac{1}{n} \sum_i (x_i - v)\,
+            \min\left(1, \frac{\tau}{|x_i - v|}\right)
+
+  repeated ``num_iters`` times. Computed in Gram space with the centre as an extra row (see
+  :func:`centered_clipping_coefficients`). Rows holding NaN/Inf contribute nothing to any step
+  (weight 0), so the result is finite whenever the centre is; each finite Byzantine row moves
+  ``v`` by at most ``tau / n`` per step. Stateful use (the centre is the last aggregate) keeps
+  the centre in the caller's (optax) state.
+
+  Args:
+    x: stacked worker updates ``[n, ...]`` or a pytree of them.
+    center: a pytree shaped like one worker's update (no leading axis), or None for zeros;
+      with ``axis_name``, this shard of the centre.
+    tau: the clipping radius.
+    num_iters: the number of clipping steps (static).
+    axis_name: set inside ``shard_map``/``pmap`` over coordinate shards: the Gram is
+      ``psum``-ed over it and the result is this shard of the unsharded answer.
+
+  Returns:
+    The clipped centre after ``num_iters`` steps, shaped like one worker's update, in the
+    input dtype.
+
+  References:
+    Karimireddy, He, Jaggi, "Learning from History for Byzantine Robust Optimization",
+    ICML 2021.
+  """
+  n = tree_lib.num_workers("centered_clipping", x)
+  coefficients_fn = lambda K: centered_clipping_coefficients(K, tau=tau, num_iters=num_iters)
+  if center is None:
+    # v_0 = 0: pad K with a zero row/column instead of a pass over a zero centre.
+    K = jnp.pad(gram_lib.gram(x, axis_name=axis_name), ((0, 1), (0, 1)))
+    return gram_lib.combine(coefficients_fn(K)[:n], x)
+  K = gram_lib.gram(x, axis_name=axis_name, extra=center)
+  return gram_lib.combine(coefficients_fn(K), x, extra=center)

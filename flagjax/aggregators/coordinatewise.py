@@ -26,6 +26,11 @@ def _per_leaf(fn, x):
   return jax.tree.map(leaf_fn, x)
 
 
+def _mean_of(values):
+  """Elementwise mean of a list of equally shaped arrays (an unrolled, fusible sum)."""
+  return sum(values[1:], values[0]) / len(values)
+
+
 def median(x, *, axis_name=None):
   r"""Coordinate-wise median: per coordinate the middle value; even ``n`` averages the two.
 
@@ -70,16 +75,72 @@ def trimmed_mean(x, f: int, *, axis_name=None):
   n = tree_lib.num_workers("trimmed_mean", x)
   checks.require("trimmed_mean", n > 2 * f, "n > 2*f", n=n, f=f)
   positions = range(f, n - f)
+  return _per_leaf(lambda rows: _mean_of(sorting.order_statistics(rows, positions)), x)
+
+
+def meamed(x, f: int, *, axis_name=None):
+  r"""Mean around the median: per coordinate, the mean of the ``n - f`` values nearest the median.
+
+  .. math:: \mathrm{MeaMed}(x)_k = \frac{1}{n - f} \sum_{i \in S_k} x_{i,k}, \qquad
+     S_k = \text{the } n - f \text{ indices } i \text{ of least } |x_{i,k} - \mathrm{med}_k|
+
+  where :math:`\mathrm{med}_k` is the coordinate-wise median (even ``n``: the mean of the two
+  middle values). Needs ``n > 2f``: then the median and the chosen values are those of honest
+  workers or lie between them, and NaN/Inf values (at most ``f``) are never averaged. Ties in
+  distance are broken towards the lower sorted value.
+
+  Args:
+    x: stacked worker updates ``[n, ...]`` or a pytree of them.
+    f: number of Byzantine workers tolerated (static).
+    axis_name: accepted for a uniform signature (no cross-coordinate reduction is needed).
+
+  Returns:
+    The MeaMed aggregate, shaped like one worker's update.
+
+  References:
+    Xie, Koyejo and Gupta, "Generalized Byzantine-tolerant SGD", arXiv:1802.10116, 2018.
+  """
+  del axis_name
+  f = checks.check_num_byzantine("meamed", f)
+  n = tree_lib.num_workers("meamed", x)
+  checks.require("meamed", n > 2 * f, "n > 2*f", n=n, f=f)
 
   def fn(rows):
-    kept = sorting.order_statistics(rows, positions)
-    return sum(kept[1:], kept[0]) / (n - 2 * f)
+    # The n - f nearest values form a window starting at sorted position 0..f, so every
+    # position is needed: one full network.
+    ordered = sorting.order_statistics(rows)
+    return sorting.mean_closest_to(ordered, sorting.median_of_sorted(ordered), n - f)
   return _per_leaf(fn, x)
 
 
-def meamed(*args, **kwargs):
-  raise NotImplementedError("meamed is being written")
+def phocas(x, f: int, *, axis_name=None):
+  r"""Phocas: per coordinate, the mean of the ``n - f`` values nearest the trimmed mean.
 
+  .. math:: \mathrm{Phocas}(x)_k = \frac{1}{n - f} \sum_{i \in S_k} x_{i,k}, \qquad
+     S_k = \text{the } n - f \text{ indices } i \text{ of least }
+     |x_{i,k} - \mathrm{TM}_f(x)_k|
 
-def phocas(*args, **kwargs):
-  raise NotImplementedError("phocas is being written")
+  with :math:`\mathrm{TM}_f` the coordinate-wise :func:`trimmed_mean`. Needs ``n > 2f``. The
+  values are sorted once; the trimmed mean and the window are both read from that one network.
+  Ties in distance are broken towards the lower sorted value.
+
+  Args:
+    x: stacked worker updates ``[n, ...]`` or a pytree of them.
+    f: number of Byzantine workers tolerated (static).
+    axis_name: accepted for a uniform signature (no cross-coordinate reduction is needed).
+
+  Returns:
+    The Phocas aggregate, shaped like one worker's update.
+
+  References:
+    Xie, Koyejo and Gupta, "Generalized Byzantine-tolerant SGD", arXiv:1802.10116, 2018.
+  """
+  del axis_name
+  f = checks.check_num_byzantine("phocas", f)
+  n = tree_lib.num_workers("phocas", x)
+  checks.require("phocas", n > 2 * f, "n > 2*f", n=n, f=f)
+
+  def fn(rows):
+    ordered = sorting.order_statistics(rows)
+    return sorting.mean_closest_to(ordered, _mean_of(ordered[f:n - f]), n - f)
+  return _per_leaf(fn, x)

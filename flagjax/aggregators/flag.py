@@ -1,11 +1,428 @@
-"""Placeholder: being written (see the open issues)."""
+r"""The Flag Aggregator: IRLS on the flag-median objective, computed in Gram space.
 
-def flag(*args, **kwargs):
-  raise NotImplementedError("flag is being written")
+The workers' normalised updates :math:`u_i = x_i / |x_i|` are summarised by an ``r``-dimensional
+subspace ``Y`` (``d x r``, orthonormal columns) that minimises
+
+.. math:: A(Y) = \sum_i \sqrt{1 - |Y^\top u_i|^2}
+   + \lambda \operatorname*{mean}_{i<j} \sqrt{1 - |Y^\top d_{ij}|^2},
+   \qquad d_{ij} = \frac{u_i - u_j}{|u_i - u_j|},
+
+by iteratively reweighted least squares (IRLS): each step takes the top-``r`` eigenvectors of
+:math:`S(w) = \sum_i w_i u_i u_i^\top + \frac{\lambda}{P} \sum_{i<j} w_{ij} d_{ij} d_{ij}^\top`
+with :math:`w = 1/\sqrt{\sin^2 + \epsilon}` at the current ``Y``. The aggregate is the
+projection of the workers onto ``Y`` (``scale`` says how it is scaled).
+
+Why everything is ``n x n`` (a reader can check this in a few lines). Let ``U`` be the
+``n x d`` matrix of normalised rows (rows left out are zero), ``G = U U^T = Q diag(g) Q^T``
+its Gram matrix, ``g_+`` its eigenvalues above the rank threshold (the rest are set to 0) and
+``U = Q g_+^{1/2} V^T`` the thin SVD (``V``: ``d x rho``, orthonormal). Define the
+``n x n`` matrix ``R = g_+^{1/2} Q^T``; its column ``R e_i = V^T u_i`` is row ``i`` in the
+orthonormal basis ``V`` (``G = R^T R``, no inverse needed). Every term vector is ``U^T a``
+for a known ``a`` (``u_i``: ``a = e_i``; ``d_ij``: ``a = (e_i - e_j) / delta_ij`` with
+``delta_ij^2 = 2 - 2 G_ij``), so
+
+.. math:: S(w) = U^\top M(w) U = V (R M R^\top) V^\top, \qquad
+   M(w) = \mathrm{diag}(w_i) + \frac{\lambda}{P} \sum_{i<j}
+   \frac{w_{ij}}{\delta_{ij}^2} (e_i - e_j)(e_i - e_j)^\top,
+
+``M`` being a diagonal plus a weighted graph Laplacian (``n x n``, O(n^2) to build). The top
+eigenvectors of ``S`` are ``Y = V z`` with ``z`` the top eigenvectors of the ``n x n`` matrix
+``H = R M R^T``. The IRLS weights need only coordinates in the eigenbasis ``E`` of ``H``
+(``z`` = its top ``r`` columns): ``Y^T u_i = z^T R e_i =: p_i``, and the residual
+``(I - Y Y^T) u_i`` has the other coordinates ``E_rest^T R e_i`` (plus the dropped directions),
+so ``sin_i^2`` is their sum of squares and ``sin_ij^2`` that of their differences over
+``delta_ij^2`` (O(n^3) per iteration, like the eigensolver). Finally
+``V = U^T Q g_+^{-1/2}``, so the output
+``Y Y^T U^T a = U^T B (P a)`` with ``B = Q g_+^{-1/2} z`` (``n x r``) and ``P = z^T R``: a
+combination of the ``u_i``, hence of the ``x_i`` (divide by ``|x_i|``). The whole solve is one
+pass over the input for ``K = X X^T`` (``G = D^{-1/2} K D^{-1/2}``), one ``n x n``
+eigenproblem (plus O(n^3) work) per iteration, and one pass to combine: nothing of size ``d x r``, ``d x n`` or
+``d x n^2`` is ever formed, so the pair regularizer costs nothing in ``d``.
+
+Rank deficiency (duplicated rows, positive multiples, ``n > d``): eigenvalues of ``G`` below
+the relative threshold (1e-10 in float64, 1e-5 otherwise) are dropped, ``r`` is capped at the
+number kept. Shapes stay static: ``H``'s dropped rows and columns are exactly zero and are
+shifted far below the spectrum so they are never among the top ``r``, and the columns of
+``z`` beyond the numerical rank are zeroed (they span nothing).
+
+Precision: the ``n x n`` work runs in the dtype of ``K`` (float32 for float32/bfloat16 input,
+float64 for float64 input), whatever ``jax_enable_x64`` says, so a result never depends on a
+global flag; the float32 thresholds of DESIGN.md apply to float32. The sines are sums of
+squares of residual coordinates, not ``1 - |Y^T u|^2``: the weights ``1/sqrt(sin^2 + eps)``
+are largest where the fit is nearly exact, and there ``1 - |Y^T u|^2`` would be off by about
+the float32 epsilon ~ ``eps`` (this alone moved float32 results ~1e-4 off the float64 ones;
+now ~1e-5 in the IRLS transients, ~1e-6 once converged, the float32 eigensolvers' backward
+error). Pair directions come from ``delta_ij^2 = 2 - 2 G_ij``, which carries an absolute error
+of about the machine epsilon, the reason pairs closer than 1e-3 (float32) / 1e-6 (float64) are
+left out.
+
+References:
+  Almasi et al., "Flag Aggregator: Scalable Distributed Training under Failures and Augmented
+  Losses using Convex Optimization", ICLR 2024. Mankovich et al., "The Flag Median and
+  FlagIRLS", CVPR 2022.
+"""
+
+from __future__ import annotations
+
+import numbers
+import operator
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from flagjax.core import checks
+from flagjax.core import gram as gram_lib
+from flagjax.core import tree as tree_lib
+
+SCALES = ("rank", "mean", "norm")
+
+# Relative eigenvalue threshold of the normalised Gram and the least pair distance kept
+# (DESIGN.md), by the dtype of the n x n work.
+_RANK_RTOL = {"float64": 1e-10, "float32": 1e-5}
+_PAIR_MIN_DISTANCE = {"float64": 1e-6, "float32": 1e-3}
+
+_HI = jax.lax.Precision.HIGHEST
 
 
-def flag_solve(*args, **kwargs):
-  raise NotImplementedError("flag_solve is being written")
+class FlagResult(NamedTuple):
+  """What :func:`flag_solve` returns.
+
+  Attributes:
+    aggregate: the Flag Aggregator's output, shaped like one worker's update, in the input
+      dtype; ``aggregate == sum_i coefficients[i] * x_i``.
+    coefficients: ``[n]``, how much each worker's update enters the aggregate (0 for rows
+      left out: non-finite or zero).
+    values: ``[n]``, each worker's reconstruction ratio ``|Y^T u_i|^2`` in ``[0, 1]``: how
+      well the subspace represents it (1: inside, 0: orthogonal); 0 for rows left out.
+    objective: ``A(Y)`` at the returned ``Y`` (scalar).
+    num_iters: the number of IRLS updates made after the flag-mean start (int32).
+  """
+  aggregate: tree_lib.PyTree
+  coefficients: jax.Array
+  values: jax.Array
+  objective: jax.Array
+  num_iters: jax.Array
 
 
-FlagResult = None
+class FlagGramSolution(NamedTuple):
+  """The ``n x n`` part of the solve (:func:`flag_solve_gram`): everything but the aggregate."""
+  coefficients: jax.Array  # [n]
+  values: jax.Array  # [n]
+  objective: jax.Array  # []
+  num_iters: jax.Array  # [] int32
+
+
+class _Problem(NamedTuple):
+  """The fixed ``n x n`` data of one solve (row coordinates, pairs, masks)."""
+  kept: jax.Array  # [n] bool: finite, non-zero rows
+  row_norms: jax.Array  # [n] |x_i| (0 where not kept)
+  coordinates: jax.Array  # [n, n] R = g_+^{1/2} Q^T: column i is u_i in the basis V
+  all_coordinates: jax.Array  # [n, n] max(g, 0)^{1/2} Q^T: R plus the dropped directions
+  eigvecs: jax.Array  # [n, n] Q
+  inv_sqrt_eigvals: jax.Array  # [n] g_+^{-1/2} (0 where dropped)
+  retained: jax.Array  # [n] bool: eigen-directions above the rank threshold
+  rank: jax.Array  # [] int32: r capped at the numerical rank
+  pairs: jax.Array  # [n, n] bool, i < j: pairs with a direction d_ij
+  pair_sq_distances: jax.Array  # [n, n] delta_ij^2 = |u_i - u_j|^2 (1 where not a pair)
+  pair_scale: jax.Array  # [] lam / P (0 when there are no pairs)
+
+
+class _Fit(NamedTuple):
+  """How a subspace ``Y`` fits the term vectors (all clipped to [0, 1])."""
+  values: jax.Array  # [n] |Y^T u_i|^2 (0 where not kept)
+  sines: jax.Array  # [n] sin^2 = |(I - Y Y^T) u_i|^2 (0 where not kept)
+  pair_sines: jax.Array  # [n, n] |(I - Y Y^T) d_ij|^2 (0 where not a pair)
+
+
+class _IrlsState(NamedTuple):
+  basis: jax.Array  # [n, n] eigenvectors of H, descending: Y = V basis[:, :rank]
+  fit: _Fit
+  objective: jax.Array  # []
+  num_iters: jax.Array  # [] int32
+  converged: jax.Array  # [] bool
+
+
+def default_rank(n: int) -> int:
+  """The paper's default subspace dimension ``ceil((n + 1) / 2)`` for ``n`` workers."""
+  return n // 2 + 1
+
+
+def _check_hparams(n: int, rank, lam, max_iters, tol, eps, scale) -> int:
+  """Trace-time checks; returns the static number of subspace columns ``min(rank, n)``."""
+  if rank is None:
+    rank = default_rank(n)
+  else:
+    try:
+      rank = operator.index(rank)
+    except TypeError:
+      raise ValueError(f"flag needs rank as a static Python int or None, got {rank!r}") from None
+    checks.require("flag", rank >= 1, "rank >= 1", rank=rank)
+  checks.require("flag", scale in SCALES, f"scale in {SCALES}", scale=repr(scale))
+  # Hyperparameters may be traced (e.g. swept under vmap); check the ones given concretely.
+  if isinstance(lam, numbers.Real):
+    checks.require("flag", lam >= 0, "lam >= 0", lam=lam)
+  if isinstance(max_iters, numbers.Integral):
+    checks.require("flag", max_iters >= 0, "max_iters >= 0", max_iters=max_iters)
+  if isinstance(tol, numbers.Real):
+    checks.require("flag", tol >= 0, "tol >= 0", tol=tol)
+  if isinstance(eps, numbers.Real):
+    checks.require("flag", eps > 0, "eps > 0", eps=eps)
+  return min(rank, n)
+
+
+def _dtype_key(dtype) -> str:
+  return "float64" if jnp.dtype(dtype) == jnp.float64 else "float32"
+
+
+def _problem(K: jax.Array, rank: int, lam) -> _Problem:
+  """Normalised Gram, its eigen-decomposition, the numerical rank and the pairs."""
+  n = K.shape[0]
+  key = _dtype_key(K.dtype)
+  K, finite = gram_lib.clean_gram(K)
+  row_norms = gram_lib.norms(K)
+  kept = finite & (row_norms > 0)
+  inv_norms = jnp.where(kept, 1 / jnp.where(kept, row_norms, 1), 0)
+  G = K * inv_norms[:, None] * inv_norms[None, :]
+  eigvals, eigvecs = jnp.linalg.eigh(G)
+  largest = jnp.max(eigvals)
+  retained = (eigvals > _RANK_RTOL[key] * largest) & (eigvals > 0)
+  safe = jnp.where(retained, eigvals, 1)
+  all_coordinates = jnp.sqrt(jnp.maximum(eigvals, 0))[:, None] * eigvecs.T
+  inv_sqrt_eigvals = jnp.where(retained, 1 / jnp.sqrt(safe), 0)
+
+  both = kept[:, None] & kept[None, :]
+  sq_dist = jnp.maximum(2 - 2 * G, 0)
+  upper = jnp.triu(jnp.ones((n, n), bool), k=1)
+  pairs = both & upper & (sq_dist > _PAIR_MIN_DISTANCE[key] ** 2)
+  num_pairs = jnp.sum(pairs)
+  pair_scale = jnp.where(num_pairs > 0, jnp.asarray(lam, K.dtype) / jnp.maximum(num_pairs, 1),
+                         0)
+  return _Problem(
+      kept=kept, row_norms=jnp.where(kept, row_norms, 0),
+      coordinates=jnp.where(retained[:, None], all_coordinates, 0),
+      all_coordinates=all_coordinates, eigvecs=eigvecs, inv_sqrt_eigvals=inv_sqrt_eigvals,
+      retained=retained, rank=jnp.minimum(rank, jnp.sum(retained)).astype(jnp.int32),
+      pairs=pairs, pair_sq_distances=jnp.where(pairs, sq_dist, 1), pair_scale=pair_scale)
+
+
+def _subspace_basis(problem: _Problem, weights: jax.Array, pair_weights: jax.Array
+                    ) -> jax.Array:
+  r"""All eigenvectors of ``H = R M(w) R^T``, descending: the top ``r`` give ``Y`` tops ``S(w)``.
+
+  ``M(w) = diag(w) + L`` with ``L`` the Laplacian of the pair weights
+  ``(lam / P) w_ij / delta_ij^2``: ``sum_ij a_ij (e_i - e_j)(e_i - e_j)^T`` over the pairs.
+  """
+  R = problem.coordinates
+  adjacency = problem.pair_scale * pair_weights / problem.pair_sq_distances
+  adjacency = adjacency + adjacency.T
+  laplacian = jnp.diag(jnp.sum(adjacency, axis=1)) - adjacency
+  M = jnp.diag(weights) + laplacian
+  H = jnp.matmul(jnp.matmul(R, M, precision=_HI), R.T, precision=_HI)
+  # Dropped eigen-directions of G are exact zero rows/columns of H; shifting them below the
+  # whole spectrum keeps them out of the top r whatever the rounding of the positive part.
+  shift = jnp.trace(H) + 1
+  H = H - jnp.diag(jnp.where(problem.retained, 0, shift))
+  _, eigvecs = jnp.linalg.eigh(H)
+  return eigvecs[:, ::-1]
+
+
+def _fit(problem: _Problem, basis: jax.Array) -> _Fit:
+  """Reconstruction ratios and sines of every term vector for ``Y = V basis[:, :rank]``.
+
+  The sines come from the coordinates along the other eigenvectors (and the dropped
+  directions), not as ``1 - |Y^T u|^2``: a sum of squares keeps its relative precision where
+  the fit is nearly exact, which is exactly where the IRLS weights ``1/sqrt(sin^2 + eps)``
+  are large (in float32, ``1 - |Y^T u|^2`` is off by ~1e-7 ~ eps there).
+  """
+  n = basis.shape[0]
+  coords = jnp.matmul(basis.T, problem.all_coordinates, precision=_HI)  # [n, n]
+  inside = (jnp.arange(n) < problem.rank)[:, None]
+  outside = jnp.where(inside, 0, coords)  # (I - Y Y^T) u_i in an orthonormal basis
+  values = jnp.sum(jnp.where(inside, coords, 0) ** 2, axis=0)
+  sines = jnp.sum(outside ** 2, axis=0)
+  differences = outside[:, :, None] - outside[:, None, :]  # [n, n, n]
+  pair_sines = jnp.sum(differences ** 2, axis=0) / problem.pair_sq_distances
+  return _Fit(values=jnp.where(problem.kept, jnp.clip(values, 0, 1), 0),
+              sines=jnp.where(problem.kept, jnp.clip(sines, 0, 1), 0),
+              pair_sines=jnp.where(problem.pairs, jnp.clip(pair_sines, 0, 1), 0))
+
+
+def _objective(problem: _Problem, fit: _Fit) -> jax.Array:
+  """``A(Y) = sum_i sin_i + lam * mean_{pairs} sin_ij`` over kept rows and pairs."""
+  return jnp.sum(jnp.sqrt(fit.sines)) + problem.pair_scale * jnp.sum(jnp.sqrt(fit.pair_sines))
+
+
+def _irls(problem: _Problem, max_iters, tol, eps) -> _IrlsState:
+  """IRLS from the flag-mean start, as a ``while_loop`` (jits and vmaps)."""
+  dtype = problem.coordinates.dtype
+  eps = jnp.asarray(eps, dtype)
+  tol = jnp.asarray(tol, dtype)
+
+  def state_at(basis, num_iters, converged):
+    fit = _fit(problem, basis)
+    return _IrlsState(basis, fit, _objective(problem, fit), num_iters, converged)
+
+  start = _subspace_basis(problem, problem.kept.astype(dtype), problem.pairs.astype(dtype))
+  initial = state_at(start, jnp.zeros((), jnp.int32), jnp.zeros((), bool))
+
+  def keep_going(state):
+    return (state.num_iters < max_iters) & ~state.converged
+
+  def step(state):
+    weights = jnp.where(problem.kept, jax.lax.rsqrt(state.fit.sines + eps), 0)
+    pair_weights = jnp.where(problem.pairs, jax.lax.rsqrt(state.fit.pair_sines + eps), 0)
+    new = state_at(_subspace_basis(problem, weights, pair_weights), state.num_iters + 1,
+                   state.converged)
+    decrease = state.objective - new.objective
+    # tol = 0 never stops early: A can rise by rounding, and "< 0" would then fire.
+    converged = (tol > 0) & (decrease <= tol * jnp.abs(state.objective))
+    return new._replace(converged=converged)
+
+  return jax.lax.while_loop(keep_going, step, initial)
+
+
+def _masked_median(values: jax.Array, mask: jax.Array) -> jax.Array:
+  """Median of ``values`` where ``mask`` (0 when the mask is empty); ``n`` scalars only."""
+  count = jnp.sum(mask)
+  ordered = jnp.sort(jnp.where(mask, values, jnp.inf))
+  low = ordered[jnp.maximum(count - 1, 0) // 2]
+  high = ordered[count // 2]
+  return jnp.where(count > 0, (low + high) / 2, 0)
+
+
+def _output_coefficients(problem: _Problem, basis: jax.Array, num_columns: int,
+                         scale: str) -> jax.Array:
+  """Coefficients ``c`` with ``sum_i c_i x_i`` the output for ``scale``."""
+  dtype = basis.dtype
+  directions = jnp.where(jnp.arange(num_columns) < problem.rank, basis[:, :num_columns], 0)
+  kept = problem.kept.astype(dtype)
+  num_kept = jnp.maximum(jnp.sum(kept), 1)
+  if scale == "rank":
+    weights_on_u = kept / jnp.maximum(problem.rank, 1).astype(dtype)
+  elif scale == "mean":
+    weights_on_u = kept * problem.row_norms / num_kept
+  else:  # "norm"
+    weights_on_u = kept * _masked_median(problem.row_norms, problem.kept) / num_kept
+  projections = jnp.matmul(directions.T, problem.coordinates, precision=_HI)  # P = z^T R
+  on_basis = jnp.matmul(projections, weights_on_u, precision=_HI)
+  # B = Q g_+^{-1/2} z maps subspace coordinates back to coefficients on the u_i.
+  on_u = jnp.matmul(problem.eigvecs,
+                    problem.inv_sqrt_eigvals * jnp.matmul(directions, on_basis, precision=_HI),
+                    precision=_HI)
+  safe_norms = jnp.where(problem.kept, problem.row_norms, 1)
+  return jnp.where(problem.kept, on_u / safe_norms, 0)
+
+
+def flag_solve_gram(K: jax.Array, *, rank: Optional[int] = None, lam=0.0, max_iters=20,
+                    tol=1e-6, eps=1e-7, scale: str = "rank") -> FlagGramSolution:
+  r"""The Flag Aggregator's ``n x n`` solve from the Gram matrix ``K = X X^T``.
+
+  Everything :func:`flag_solve` returns except the aggregate (which is
+  ``sum_i coefficients[i] * x_i``); see the module docstring for the derivation.
+
+  Args:
+    K: ``[n, n]`` Gram matrix (:func:`flagjax.core.gram.gram`); non-finite rows are left out.
+    rank, lam, max_iters, tol, eps, scale: as in :func:`flag_solve`.
+
+  Returns:
+    A :class:`FlagGramSolution` ``(coefficients, values, objective, num_iters)``.
+  """
+  n = K.shape[0]
+  num_columns = _check_hparams(n, rank, lam, max_iters, tol, eps, scale)
+  problem = _problem(K, num_columns, lam)
+  state = _irls(problem, max_iters, tol, eps)
+  return FlagGramSolution(
+      coefficients=_output_coefficients(problem, state.basis, num_columns, scale),
+      values=state.fit.values, objective=state.objective, num_iters=state.num_iters)
+
+
+def flag_coefficients(K: jax.Array, *, rank: Optional[int] = None, lam=0.0, max_iters=20,
+                      tol=1e-6, eps=1e-7, scale: str = "rank") -> jax.Array:
+  r"""The Flag Aggregator's coefficients ``c`` (``[n]``) from the Gram matrix alone.
+
+  ``flag(x) == sum_i c_i x_i`` with ``c = flag_coefficients(gram(x))``: ``n x n`` work only.
+
+  Args:
+    K: ``[n, n]`` Gram matrix (:func:`flagjax.core.gram.gram`).
+    rank, lam, max_iters, tol, eps, scale: as in :func:`flag_solve`.
+
+  Returns:
+    ``[n]`` coefficients in ``K``'s dtype (0 for non-finite or zero rows).
+  """
+  return flag_solve_gram(K, rank=rank, lam=lam, max_iters=max_iters, tol=tol, eps=eps,
+                         scale=scale).coefficients
+
+
+def flag_solve(x, *, rank: Optional[int] = None, lam=0.0, max_iters=20, tol=1e-6, eps=1e-7,
+               scale: str = "rank", axis_name=None) -> FlagResult:
+  r"""The Flag Aggregator with its diagnostics: subspace fit, coefficients, objective.
+
+  With :math:`u_i = x_i / |x_i|` over the kept rows (finite, non-zero; ``k`` of them), IRLS
+  from the flag-mean start ``Y_0 = top_r(S(1))`` iterates
+  :math:`Y_{t+1} = \mathrm{top}_r\, S(w_t)`,
+
+  .. math:: S(w) = \sum_i w_i u_i u_i^\top + \frac{\lambda}{P} \sum_{i<j} w_{ij}
+     d_{ij} d_{ij}^\top, \qquad w = \frac{1}{\sqrt{\sin^2 + \epsilon}}, \quad
+     \sin^2 = 1 - |Y_t^\top v|^2,
+
+  decreasing :math:`A(Y) = \sum_i \sqrt{1 - |Y^\top u_i|^2} + \lambda\,
+  \mathrm{mean}_{i<j} \sqrt{1 - |Y^\top d_{ij}|^2}`, until ``max_iters`` updates or a
+  relative decrease of ``A`` of at most ``tol`` (``tol=0`` runs exactly ``max_iters``).
+  Pairs: kept ``i < j`` with ``|u_i - u_j|`` above 1e-6 (float64) / 1e-3 (float32),
+  :math:`d_{ij} = (u_i - u_j)/|u_i - u_j|`, ``P`` of them. The output, by ``scale``:
+
+  * ``"rank"``: :math:`\frac{1}{r} \sum_i Y Y^\top u_i` (the authors' released code);
+  * ``"mean"``: :math:`Y Y^\top \frac{1}{k} \sum_i x_i` (the paper's Algorithm 1);
+  * ``"norm"``: :math:`\frac{1}{k} \sum_i Y Y^\top u_i \cdot \mathrm{median}_i |x_i|`
+    (the mean gradient's scale with bounded influence of any one worker).
+
+  Computed in Gram space (module docstring): one pass for ``K`` (``psum``-ed over
+  ``axis_name``), ``n x n`` eigenproblems, one pass to combine.
+
+  Args:
+    x: stacked worker updates ``[n, ...]`` or a pytree of them (never concatenated).
+    rank: subspace dimension ``r`` (static); ``ceil((n + 1) / 2)`` when None; capped at the
+      numerical rank of the ``u_i`` (then the output uses the capped ``r``).
+    lam: weight of the pairwise regularizer (``0`` turns it off).
+    max_iters: most IRLS updates after the start (``0`` returns the flag mean).
+    tol: stop when ``A_t - A_{t+1} <= tol * |A_t|``; ``0`` never stops early.
+    eps: IRLS smoothing of the weights ``1 / sqrt(sin^2 + eps)``.
+    scale: ``"rank"``, ``"mean"`` or ``"norm"`` (static).
+    axis_name: when set, ``x`` is a coordinate shard: ``K`` is ``psum``-ed over it (the only
+      cross-device reduction) and the aggregate is the shard of the unsharded one.
+
+  Returns:
+    :class:`FlagResult` ``(aggregate, coefficients, values, objective, num_iters)``.
+
+  References:
+    Almasi et al., "Flag Aggregator: Scalable Distributed Training under Failures and
+    Augmented Losses using Convex Optimization", ICLR 2024 (Algorithm 1).
+  """
+  tree_lib.num_workers("flag", x)
+  K = gram_lib.gram(x, axis_name=axis_name)
+  solution = flag_solve_gram(K, rank=rank, lam=lam, max_iters=max_iters, tol=tol, eps=eps,
+                             scale=scale)
+  return FlagResult(gram_lib.combine(solution.coefficients, x), *solution)
+
+
+def flag(x, *, rank: Optional[int] = None, lam=0.0, max_iters=20, tol=1e-6, eps=1e-7,
+         scale: str = "rank", axis_name=None):
+  r"""The Flag Aggregator: workers projected onto their IRLS flag-median subspace.
+
+  ``flag(x, ...) == flag_solve(x, ...).aggregate``; see :func:`flag_solve` for the
+  objective, the iteration, the three output scales and the arguments. Non-finite and zero
+  rows are left out, however many there are (none kept: the aggregate is zero).
+
+  Args:
+    x: stacked worker updates ``[n, ...]`` or a pytree of them.
+    rank, lam, max_iters, tol, eps, scale, axis_name: as in :func:`flag_solve`.
+
+  Returns:
+    The aggregate, shaped like one worker's update, in the input dtype.
+
+  References:
+    Almasi et al., ICLR 2024.
+  """
+  return flag_solve(x, rank=rank, lam=lam, max_iters=max_iters, tol=tol, eps=eps,
+                    scale=scale, axis_name=axis_name).aggregate

@@ -1,6 +1,131 @@
-"""Placeholder: being written (see the open issues)."""
+r"""Minimum-diameter averaging (MDA): exact search over all subsets of n - f rows.
 
-def mda(*args, **kwargs):
-  raise NotImplementedError("mda is being written")
+The diameter of a subset ``S`` is :math:`\max_{i,j \in S} D_{ij}`. Every subset of size
+``n - f`` is the complement of a removed set ``R`` of size ``f``, and at most
+:math:`f (n-1)` pairs touch ``R``; so the diameter of ``S`` is the largest distance among the
+top :math:`L = f (n-1) + 1` pairs (by distance) that avoid ``R``. Each subset then costs
+``O(f n)`` instead of ``O(n^2)``, evaluated in chunks (``jax.lax.map`` with a batch size) so
+memory stays bounded.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flagjax.core import checks
+from flagjax.core import gram as gram_lib
+from flagjax.core import tree as tree_lib
+
+# The exact search enumerates C(n, f) subsets; beyond this it refuses with a ValueError.
+MAX_SUBSETS = 100_000
+# Elements of the per-chunk temporaries ([batch, max(f n, L)]): bounds memory per step.
+_CHUNK_ELEMENTS = 1 << 20
 
 
+def _check(n: int, f: int) -> None:
+  checks.require("mda", n > 2 * f, "n > 2*f", n=n, f=f)
+  checks.require("mda", math.comb(n, f) <= MAX_SUBSETS,
+                 f"C(n, f) <= {MAX_SUBSETS} subsets", n=n, f=f)
+
+
+@functools.lru_cache(maxsize=None)
+def _removed_sets(n: int, f: int) -> np.ndarray:
+  """All removed sets ``[C(n, f), f]`` so that index order = lexicographic order of kept sets.
+
+  Kept sets ascend lexicographically exactly when their complements descend, so the removed
+  sets are listed in reverse lexicographic order; ``argmin`` (first minimum) then breaks ties
+  towards the lowest lexicographic kept subset.
+  """
+  dtype = np.int16 if n < 2**15 else np.int32
+  table = np.array(list(itertools.combinations(range(n), f)), dtype).reshape(-1, f)
+  return table[::-1].copy()
+
+
+def mda_coefficients(K: jax.Array, f: int) -> jax.Array:
+  r"""Coefficients of MDA: :math:`1/(n-f)` on the ``n - f`` rows of least diameter.
+
+  .. math:: S^\star = \arg\min_{|S| = n - f} \max_{i, j \in S} D_{ij}, \qquad
+            c_i = \frac{[i \in S^\star]}{n - f}
+
+  (ties: the lowest lexicographic ``S``). Non-finite workers are at ``+inf`` distance
+  (:func:`flagjax.core.gram.sq_distances`), so with at most ``f`` of them ``S^\star`` avoids
+  them. Needs ``n > 2f`` and ``C(n, f) <= MAX_SUBSETS`` (100000).
+
+  Args:
+    K: Gram matrix ``[n, n]`` from :func:`flagjax.core.gram.gram`.
+    f: number of Byzantine workers tolerated (static).
+
+  Returns:
+    Coefficients ``[n]``.
+
+  References:
+    El-Mhamdi, Guerraoui, Rouault, "Distributed Momentum for Byzantine-resilient Stochastic
+    Gradient Descent", ICLR 2021. Rousseeuw, "Multivariate estimation with high breakdown
+    point", 1985 (the minimum volume ellipsoid idea).
+  """
+  f = checks.check_num_byzantine("mda", f)
+  n = K.shape[0]
+  _check(n, f)
+  dtype = K.dtype
+  if f == 0:
+    return jnp.full((n,), 1.0 / n, dtype)
+  D = gram_lib.sq_distances(K)
+  first, second = np.triu_indices(n, k=1)
+  num_top = min(f * (n - 1) + 1, first.size)
+  top_dist, top_pair = jax.lax.top_k(D[first, second], num_top)
+  top_first = jnp.asarray(first)[top_pair]
+  top_second = jnp.asarray(second)[top_pair]
+  workers = jnp.arange(n)
+
+  def kept_mask(removed):   # [f] -> [n] bool
+    return jnp.all(workers[None, :] != removed[:, None].astype(workers.dtype), axis=0)
+
+  def diameter(removed):
+    kept = kept_mask(removed)
+    avoids = kept[top_first] & kept[top_second]
+    return jnp.max(jnp.where(avoids, top_dist, -1))
+
+  removed_sets = jnp.asarray(_removed_sets(n, f))
+  num_subsets = removed_sets.shape[0]
+  batch = max(1, min(num_subsets, _CHUNK_ELEMENTS // max(f * n, num_top)))
+  diameters = jax.lax.map(diameter, removed_sets, batch_size=batch)
+  best = kept_mask(removed_sets[jnp.argmin(diameters)])
+  return best.astype(dtype) / (n - f)
+
+
+def mda(x, f: int, *, axis_name=None):
+  r"""Minimum-diameter averaging: the mean of the ``n - f`` rows of least diameter.
+
+  .. math:: \mathrm{MDA}(x) = \frac{1}{n-f} \sum_{i \in S^\star} x_i, \qquad
+            S^\star = \arg\min_{|S| = n-f} \max_{i,j \in S} |x_i - x_j|
+
+  Exact search over all ``C(n, f)`` subsets (ties: the lowest lexicographic subset), in Gram
+  space (see :func:`mda_coefficients`). Needs ``n > 2f`` (``n >= 2f + 1``, the bound under
+  which MDA is robust) and refuses searches over more than ``C(n, f) = 100000`` subsets with
+  ``mda needs C(n, f) <= 100000 subsets, got n=.., f=..``. Rows holding NaN/Inf are at
+  infinite distance: with at most ``f`` of them the result is finite. Cost beyond the two
+  passes: ``O(C(n, f) f n)`` (about 15 ms at the limit, n=40, f=4, on a 2-core CPU).
+
+  Args:
+    x: stacked worker updates ``[n, ...]`` or a pytree of them.
+    f: number of Byzantine workers tolerated (static).
+    axis_name: set inside ``shard_map``/``pmap`` over coordinate shards: the Gram is
+      ``psum``-ed over it and the result is this shard of the unsharded answer.
+
+  Returns:
+    The aggregate, shaped like one worker's update, in the input dtype.
+
+  References:
+    El-Mhamdi, Guerraoui, Rouault, "Distributed Momentum for Byzantine-resilient Stochastic
+    Gradient Descent", ICLR 2021; Allouah et al., "Fixing by Mixing: A Recipe for Optimal
+    Byzantine ML under Heterogeneity", AISTATS 2023.
+  """
+  f = checks.check_num_byzantine("mda", f)
+  _check(tree_lib.num_workers("mda", x), f)
+  return gram_lib.combine_by_gram(x, lambda K: mda_coefficients(K, f), axis_name=axis_name)

@@ -1,0 +1,170 @@
+"""Results on disk: atomic writes, text tables, accuracy curves and heatmaps (matplotlib, Agg).
+
+Every file is written to a temporary file in its own folder and then ``os.replace`` d onto its
+name, so a reader (or a resumed sweep) sees either the old file or the new one, never half a
+file, even when the process is killed mid-write.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from typing import Iterable, Optional, Sequence
+
+import numpy as np
+
+
+def _umask() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return mask
+
+
+def atomic_write_bytes(path: str, data: bytes) -> None:
+  """Writes ``data`` to ``path`` atomically (temp file in the same folder, fsync, replace)."""
+  folder = os.path.dirname(os.path.abspath(path))
+  os.makedirs(folder, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".",
+                             suffix=".tmp")
+  try:
+    with os.fdopen(fd, "wb") as stream:
+      stream.write(data)
+      stream.flush()
+      os.fsync(stream.fileno())
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the file the usual mode
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def atomic_write_text(path: str, text: str) -> None:
+  atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str, obj) -> None:
+  atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=False) + "\n")
+
+
+def read_json(path: str):
+  with open(path, encoding="utf-8") as stream:
+    return json.load(stream)
+
+
+def summarize(values: Sequence[float]) -> dict:
+  """``{"mean", "std", "min", "max", "n"}`` of per-seed values (population std)."""
+  values = np.asarray(values, dtype=np.float64)
+  return {"mean": float(values.mean()), "std": float(values.std()),
+          "min": float(values.min()), "max": float(values.max()), "n": int(values.size)}
+
+
+def format_accuracy(summary: Optional[dict], digits: int = 3) -> str:
+  """``0.912 ± 0.010`` (or ``0.912`` for one seed)."""
+  if summary is None:
+    return "n/a"
+  if summary["n"] > 1:
+    return f"{summary['mean']:.{digits}f} ± {summary['std']:.{digits}f}"
+  return f"{summary['mean']:.{digits}f}"
+
+
+def text_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+  """A plain aligned table for the terminal."""
+  rows = [list(map(str, r)) for r in rows]
+  widths = [max(len(str(h)), *(len(r[i]) for r in rows)) if rows else len(str(h))
+            for i, h in enumerate(header)]
+  line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+  return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def markdown_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
+  rows = [list(map(str, r)) for r in rows]
+  out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] * len(header)) + "|"]
+  out += ["| " + " | ".join(r) + " |" for r in rows]
+  return "\n".join(out)
+
+
+def _pyplot():
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  return plt
+
+
+def _save_figure(fig, path: str, dpi: int) -> None:
+  import io
+  buffer = io.BytesIO()
+  fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+  atomic_write_bytes(path, buffer.getvalue())
+
+
+def plot_curves(path: str, curves: dict, *, title: str, chance: Optional[float] = None,
+                dpi: int = 110) -> None:
+  """Test accuracy against step, one line per rule (mean over seeds, min-max band).
+
+  Args:
+    path: the PNG to write.
+    curves: ``{label: (steps [T], accuracy [seeds, T])}``.
+    title: the figure title (the setting).
+    chance: a dotted line at chance accuracy.
+    dpi: resolution.
+  """
+  plt = _pyplot()
+  fig, ax = plt.subplots(figsize=(7.0, 4.2))
+  colors = plt.get_cmap("tab10")
+  others = 0
+  for label, (steps, accuracy) in curves.items():
+    accuracy = np.atleast_2d(np.asarray(accuracy, dtype=np.float64))
+    mean = accuracy.mean(0)
+    is_flag = label.split("(")[0] == "flag" and len(curves) > 1
+    if is_flag:  # the subject of the study stands out
+      color, width, style = "black", 2.4, "-"
+    else:
+      color, width, style = colors(others % 10), 1.4, "-" if others < 10 else "--"
+      others += 1
+    ax.plot(steps, mean, style, color=color, lw=width, label=label)
+    if accuracy.shape[0] > 1:
+      ax.fill_between(steps, accuracy.min(0), accuracy.max(0), color=color, alpha=0.12, lw=0)
+  if chance is not None:
+    ax.axhline(chance, color="grey", ls=":", lw=1, label="chance")
+  ax.set_xlabel("step")
+  ax.set_ylabel("test accuracy")
+  ax.set_ylim(0, 1)
+  ax.set_title(title, fontsize=10)
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+  _save_figure(fig, path, dpi)
+  plt.close(fig)
+
+
+def plot_heatmap(path: str, values: np.ndarray, row_labels: Sequence[str],
+                 col_labels: Sequence[str], *, title: str, dpi: int = 110) -> None:
+  """Final accuracy per (setting, rule); NaN cells (n/a or not run yet) are grey.
+
+  Args:
+    path: the PNG to write.
+    values: ``[rows, cols]`` accuracies in [0, 1], NaN where missing.
+    row_labels: the settings.
+    col_labels: the rules.
+    title: the figure title.
+    dpi: resolution.
+  """
+  plt = _pyplot()
+  values = np.asarray(values, dtype=np.float64)
+  rows, cols = values.shape
+  fig, ax = plt.subplots(figsize=(1.0 + 0.95 * cols, 0.9 + 0.5 * rows))
+  cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")
+  ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0, vmax=1, aspect="auto")
+  for r in range(rows):
+    for c in range(cols):
+      v = values[r, c]
+      text = "n/a" if math.isnan(v) else f"{v:.2f}"
+      ax.text(c, r, text, ha="center", va="center", fontsize=8,
+              color="black" if math.isnan(v) or v > 0.6 else "white")
+  ax.set_xticks(range(cols), col_labels, rotation=35, ha="right", fontsize=8)
+  ax.set_yticks(range(rows), row_labels, fontsize=8)
+  ax.set_title(title, fontsize=10)
+  _save_figure(fig, path, dpi)
+  plt.close(fig)

@@ -1,0 +1,236 @@
+"""Rules and attacks named on the command line: ``name`` or ``name:key=value,key=value``.
+
+Examples: ``flag``, ``flag:lam=4,rank=8``, ``multi_krum:m=5``, ``gaussian:sigma=100``,
+``alie:z=1.5``, ``label_flip``, ``none``. Values are Python literals (``4``, ``0.1``, ``None``,
+``True``, ``'rank'``); anything else is kept as a string (``scale=norm``).
+
+Everything here goes through the public API only: ``flagjax.aggregators.<rule>``,
+``flagjax.aggregate``, ``flagjax.preaggregate`` and ``flagjax.attacks.<attack>``.
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import inspect
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+import flagjax
+
+RULES = ("mean", "median", "trimmed_mean", "meamed", "phocas", "krum", "multi_krum",
+         "bulyan", "geometric_median", "centered_clipping", "mda", "monna", "flag")
+# The comparison of the paper's study (and of the issue): the default of --rules.
+DEFAULT_RULES = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan",
+                 "geometric_median", "centered_clipping", "flag")
+
+GRADIENT_ATTACKS = ("gaussian", "uniform", "sign_flip", "ipm", "alie", "mimic", "nan", "inf",
+                    "scaled")
+ADAPTIVE_ATTACKS = ("optimal_alie", "optimal_ipm")  # factories of the attacked rule
+DATA_ATTACKS = ("label_flip", "augmented", "augment_gaussian", "augment_lotka_volterra",
+                "augment_cat_map")                  # factories of data attacks
+LINK_ATTACKS = ("lossy",)  # the Byzantine workers' own updates, damaged in transit
+ATTACKS = ("none",) + GRADIENT_ATTACKS + ADAPTIVE_ATTACKS + DATA_ATTACKS + LINK_ATTACKS
+
+
+class UsageError(Exception):
+  """A bad option; the message is one line that says what to do."""
+
+
+class RuleUnavailable(Exception):
+  """The rule cannot run in this setting (its bound on f is broken); shown as ``n/a``."""
+
+
+class Spec(NamedTuple):
+  """A parsed ``name:key=value,...`` option."""
+  name: str
+  hparams: tuple[tuple[str, Any], ...]
+
+  @property
+  def kwargs(self) -> dict:
+    return dict(self.hparams)
+
+  @property
+  def label(self) -> str:
+    """``name`` or ``name(key=value, ...)``, as shown in tables and plots."""
+    if not self.hparams:
+      return self.name
+    return f"{self.name}({', '.join(f'{k}={v!r}' if isinstance(v, str) else f'{k}={v}' for k, v in self.hparams)})"
+
+
+def _literal(text: str) -> Any:
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def parse_spec(text: str, kind: str) -> Spec:
+  """Parses ``name`` or ``name:key=value,key=value`` (``kind`` names it in errors)."""
+  name, _, rest = text.strip().partition(":")
+  name = name.strip().replace("-", "_")
+  hparams = []
+  for item in filter(None, (part.strip() for part in rest.split(","))):
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+      raise UsageError(f"cannot read {kind} {text!r}: write {name}:key=value,key=value")
+    hparams.append((key.strip(), _literal(value.strip())))
+  return Spec(name, tuple(hparams))
+
+
+# ---------------------------------------------------------------------------------------------
+# Rules.
+
+
+def _closest(name: str, choices) -> str:
+  import difflib
+  match = difflib.get_close_matches(name, choices, n=1)
+  return f" (did you mean {match[0]}?)" if match else ""
+
+
+def rule_function(spec: Spec) -> Callable:
+  """``flagjax.aggregators.<name>``, or a :class:`UsageError` naming the choices."""
+  if spec.name not in RULES:
+    raise UsageError(f"unknown rule {spec.name!r}{_closest(spec.name, RULES)}: choose from "
+                     f"{', '.join(RULES)}")
+  return getattr(flagjax.aggregators, spec.name)
+
+
+def _keyword_names(fn: Callable) -> list[str]:
+  return [p.name for p in inspect.signature(fn).parameters.values()
+          if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def takes_f(rule: Callable) -> bool:
+  return "f" in _keyword_names(rule)
+
+
+def rule_kwargs(spec: Spec, f: int) -> dict:
+  """The keyword arguments the rule is called with: its hyperparameters and ``f`` if it has one.
+
+  Raises:
+    UsageError: an unknown hyperparameter, or ``f`` given as a hyperparameter.
+  """
+  rule = rule_function(spec)
+  accepted = [k for k in _keyword_names(rule) if k not in ("x", "axis_name", "f", "key")]
+  for key in spec.kwargs:
+    if key == "f":
+      raise UsageError(f"{spec.name}: f is not a hyperparameter; set the f the rules assume "
+                       f"with --assumed-byzantine")
+    if key not in accepted:
+      raise UsageError(f"{spec.name} has no hyperparameter {key!r}; it takes "
+                       f"{', '.join(accepted) or 'none'}")
+  kwargs = dict(spec.kwargs)
+  if takes_f(rule):
+    kwargs["f"] = f
+  return kwargs
+
+
+def check_rule(spec: Spec, num_workers: int, f: int) -> None:
+  """Traces the rule once on ``[n, 4]`` zeros: a broken bound raises :class:`RuleUnavailable`.
+
+  The rules check their bounds when traced (``krum needs n >= 2*f + 3, got n=15, f=7``);
+  tracing with :func:`jax.eval_shape` costs no compilation.
+  """
+  rule = rule_function(spec)
+  kwargs = rule_kwargs(spec, f)
+  try:
+    jax.eval_shape(lambda x: rule(x, **kwargs),
+                   jax.ShapeDtypeStruct((num_workers, 4), jnp.float32))
+  except ValueError as error:
+    raise RuleUnavailable(str(error).splitlines()[0]) from None
+  except TypeError as error:
+    raise UsageError(f"{spec.label}: {str(error).splitlines()[0]}") from None
+
+
+def make_aggregator(spec: Spec, f: int, num_workers: int,
+                    worker_momentum: Optional[float] = None):
+  """``flagjax.aggregate(rule, **hparams)`` with ``f`` filled in for rules that take one.
+
+  ``num_workers`` fixes the aggregator state's shapes at ``init`` (the training loop carries
+  the state through ``lax.scan``).
+  """
+  return flagjax.aggregate(rule_function(spec), num_workers=num_workers,
+                           worker_momentum=worker_momentum, **rule_kwargs(spec, f))
+
+
+# ---------------------------------------------------------------------------------------------
+# Attacks.
+
+
+class AttackPlan(NamedTuple):
+  """What the simulator is given: a gradient attack and a data attack (None when unused),
+  and per-worker transforms to run in front of the aggregator (lossy links)."""
+  attack: Optional[Callable]
+  data_attack: Optional[Callable]
+  pre: tuple = ()
+
+
+def _attack_kwargs_check(spec: Spec, fn: Callable, skip=("honest", "f", "key", "axis_name",
+                                                         "x", "rule", "num_classes",
+                                                         "workers")) -> None:
+  try:
+    accepted = [k for k in _keyword_names(fn) if k not in skip]
+  except (TypeError, ValueError):
+    return
+  has_var_kw = any(p.kind == p.VAR_KEYWORD for p in inspect.signature(fn).parameters.values())
+  for key in spec.kwargs:
+    if key not in accepted and not has_var_kw:
+      raise UsageError(f"attack {spec.name} has no hyperparameter {key!r}; it takes "
+                       f"{', '.join(accepted) or 'none'}")
+
+
+def make_attack(spec: Spec, *, num_workers: int, num_byzantine: int, num_classes: int,
+                rule: Optional[Callable] = None, rule_kwargs: Optional[dict] = None
+                ) -> AttackPlan:
+  """The simulator's ``attack`` / ``data_attack`` (and any ``pre`` stage) for an attack spec.
+
+  Args:
+    spec: the parsed ``--attack``.
+    num_workers: ``n``.
+    num_byzantine: ``f``; the Byzantine workers are the last ``f``.
+    num_classes: for ``label_flip``.
+    rule: the attacked rule, for the adaptive attacks ``optimal_alie`` / ``optimal_ipm``.
+    rule_kwargs: its keyword arguments (``f`` and hyperparameters).
+
+  Returns:
+    An :class:`AttackPlan`.
+  """
+  name = spec.name
+  check_attack(spec)
+  if name == "none":
+    if spec.hparams:
+      raise UsageError("attack none takes no hyperparameters")
+    return AttackPlan(None, None)
+  fn = getattr(flagjax.attacks, name, None)
+  if fn is None:
+    raise UsageError(f"attack {name} is not available in this flagjax "
+                     f"(flagjax.attacks.{name} is missing)")
+  _attack_kwargs_check(spec, fn)
+  kwargs = spec.kwargs
+  try:
+    if name in GRADIENT_ATTACKS:
+      return AttackPlan(functools.partial(fn, **kwargs), None)
+    if name in ADAPTIVE_ATTACKS:
+      return AttackPlan(fn(rule, **kwargs, **(rule_kwargs or {})), None)
+    if name == "label_flip":
+      return AttackPlan(None, fn(num_classes, **kwargs))
+    if name in DATA_ATTACKS:
+      return AttackPlan(None, fn(**kwargs))
+    # Lossy links: the Byzantine workers send their own gradients, which lose coordinates.
+    byzantine = tuple(range(num_workers - num_byzantine, num_workers))
+    kwargs.setdefault("drop_fraction", 0.1)
+    return AttackPlan(None, None,
+                      (flagjax.preaggregate(fn(**kwargs, workers=byzantine)),))
+  except (TypeError, ValueError) as error:
+    raise UsageError(f"attack {spec.label}: {str(error).splitlines()[0]}") from None
+
+
+def check_attack(spec: Spec) -> None:
+  """Raises :class:`UsageError` for an unknown attack name (hyperparameters are checked when
+  the attack is built)."""
+  if spec.name not in ATTACKS:
+    raise UsageError(f"unknown attack {spec.name!r}{_closest(spec.name, ATTACKS)}: choose "
+                     f"from {', '.join(ATTACKS)}")

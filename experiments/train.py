@@ -1,0 +1,582 @@
+r"""Robust distributed training of one rule, or a comparison of rules, under a Byzantine attack.
+
+``python -m experiments.train`` (no options) runs the study's separating setting: scikit-learn's
+digits, an MLP, 15 workers with Dirichlet(0.3) non-IID data, 6 of them sending ALIE
+("a little is enough") gradients, and compares mean, median, trimmed mean, Krum, Multi-Krum,
+Bulyan, geometric median, centered clipping and the Flag Aggregator over 3 seeds. It prints a
+results table and writes ``results/<name>.json`` and ``results/<name>.png`` (test accuracy
+against step, one line per rule). Run ``python -m experiments.train --help`` for the manual.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import re
+import shlex
+import sys
+import time
+from typing import Callable, NamedTuple, Optional, Sequence
+
+from experiments import data as data_lib
+from experiments import presets as presets_lib
+from experiments import report
+from experiments import specs
+from experiments.specs import RuleUnavailable, UsageError
+
+OPTIMIZERS = ("sgd", "adam")
+BACKENDS = ("vmap", "pmap", "shard_map")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+  """Everything that determines a run's numbers (output options are not part of it)."""
+  dataset: str = "digits"
+  model: str = "mlp"
+  rules: tuple = specs.DEFAULT_RULES
+  attack: str = "alie"
+  num_workers: int = 15
+  num_byzantine: int = 6
+  assumed_byzantine: Optional[int] = None
+  alpha: Optional[float] = 0.3
+  steps: int = 500
+  batch_size: int = 32
+  optimizer: str = "sgd"
+  lr: float = 0.05
+  momentum: float = 0.9
+  weight_decay: float = 0.0
+  worker_momentum: Optional[float] = None
+  seeds: tuple = (0, 1, 2)
+  eval_every: int = 25
+  backend: str = "vmap"
+  devices: Optional[int] = None
+  data_dir: Optional[str] = None
+  offline: bool = False
+
+  @property
+  def rule_f(self) -> int:
+    """The f the rules are told (``--assumed-byzantine``, default the actual number)."""
+    return self.num_byzantine if self.assumed_byzantine is None else self.assumed_byzantine
+
+  def replace(self, **changes) -> "Config":
+    return dataclasses.replace(self, **changes)
+
+  def to_json(self) -> dict:
+    out = dataclasses.asdict(self)
+    out["rules"] = list(self.rules)
+    out["seeds"] = list(self.seeds)
+    return out
+
+  def results_key(self) -> dict:
+    """The fields that change results (not where data is cached)."""
+    out = self.to_json()
+    out.pop("data_dir")
+    out.pop("offline")
+    return out
+
+
+def describe_setting(config: Config) -> str:
+  """A one-line description of the setting, for titles and tables."""
+  data = "IID" if config.alpha is None else f"Dirichlet alpha={config.alpha:g}"
+  attack = specs.parse_spec(config.attack, "attack").label
+  return (f"{config.dataset}/{config.model}, n={config.num_workers}, f={config.num_byzantine} "
+          f"{attack}, {data}")
+
+
+def default_name(config: Config) -> str:
+  alpha = "iid" if config.alpha is None else f"a{config.alpha:g}"
+  attack = re.sub(r"[^A-Za-z0-9_.-]+", "-", config.attack).strip("-")
+  return f"{config.dataset}-{config.model}-{attack}-n{config.num_workers}-f{config.num_byzantine}-{alpha}"
+
+
+def validate(config: Config, *, allow_unavailable: bool = False) -> None:
+  """Checks the options that need no data or compilation; raises :class:`UsageError`.
+
+  Unless ``allow_unavailable`` (a sweep, where such cells are n/a), it is an error when every
+  rule's bound on f is broken.
+  """
+  from experiments import models
+  if config.dataset not in data_lib.DATASETS:
+    raise UsageError(f"unknown dataset {config.dataset!r}: choose from "
+                     f"{', '.join(data_lib.DATASETS)}")
+  if config.model not in models.MODELS:
+    raise UsageError(f"unknown model {config.model!r}: choose from {', '.join(models.MODELS)}")
+  if config.optimizer not in OPTIMIZERS:
+    raise UsageError(f"unknown optimizer {config.optimizer!r}: choose from "
+                     f"{', '.join(OPTIMIZERS)}")
+  if config.backend not in BACKENDS:
+    raise UsageError(f"unknown backend {config.backend!r}: choose from {', '.join(BACKENDS)}")
+  n, f = config.num_workers, config.num_byzantine
+  if n < 1:
+    raise UsageError(f"--num-workers must be >= 1, got {n}")
+  if not 0 <= f < n:
+    raise UsageError(f"--num-byzantine must be in [0, num_workers), got {f} with "
+                     f"--num-workers {n}")
+  if not 0 <= config.rule_f < n:
+    raise UsageError(f"--assumed-byzantine must be in [0, num_workers), got {config.rule_f}")
+  for name, value in (("--steps", config.steps), ("--batch-size", config.batch_size),
+                      ("--eval-every", config.eval_every)):
+    if value < 1:
+      raise UsageError(f"{name} must be >= 1, got {value}")
+  if not config.seeds:
+    raise UsageError("--seeds needs at least one seed")
+  if config.alpha is not None and not config.alpha > 0:
+    raise UsageError(f"--alpha must be > 0 (or iid), got {config.alpha}")
+  if not config.lr > 0:
+    raise UsageError(f"--lr must be > 0, got {config.lr}")
+  if not config.rules:
+    raise UsageError("--rules needs at least one rule")
+  reasons = []
+  for text in config.rules:
+    spec = specs.parse_spec(text, "rule")
+    try:
+      specs.check_rule(spec, n, config.rule_f)  # unknown rule / hyperparameter, bound on f
+    except RuleUnavailable as reason:
+      reasons.append(str(reason))
+  if len(reasons) == len(config.rules) and not allow_unavailable:  # nothing would run: an error, not a table of n/a
+    raise UsageError(f"{'; '.join(reasons)}: lower --num-byzantine / --assumed-byzantine or "
+                     f"raise --num-workers")
+  specs.check_attack(specs.parse_spec(config.attack, "attack"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Training.
+
+
+class Prepared(NamedTuple):
+  """A setting's data and model functions, shared by every rule and seed."""
+  dataset: data_lib.Dataset
+  train_images: object
+  train_labels: object
+  apply: Callable
+  loss_fn: Callable
+  accuracy: Callable
+
+
+def prepare(config: Config) -> Prepared:
+  """Loads the dataset and builds the model's loss and test-accuracy functions."""
+  import jax.numpy as jnp
+  from experiments import models
+  dataset = data_lib.load_dataset(config.dataset, config.data_dir or None,
+                                  download=not config.offline)
+  apply, _ = models.functional(models.create(config.model, dataset.image_shape,
+                                             dataset.num_classes, 0))
+  accuracy = models.make_accuracy_fn(apply, jnp.asarray(dataset.test_images),
+                                     jnp.asarray(dataset.test_labels))
+  return Prepared(dataset, jnp.asarray(dataset.train_images),
+                  jnp.asarray(dataset.train_labels), apply, models.make_loss_fn(apply),
+                  accuracy)
+
+
+def make_optimizer(config: Config):
+  """The optax optimizer applied to the aggregate (after the aggregation stage)."""
+  import optax
+  stages = []
+  if config.weight_decay:
+    stages.append(optax.add_decayed_weights(config.weight_decay))
+  if config.optimizer == "sgd":
+    stages.append(optax.sgd(config.lr, momentum=config.momentum or None))
+  else:
+    stages.append(optax.adam(config.lr))
+  return stages
+
+
+def _sharded_devices(config: Config):
+  """The devices of the sharded backends: as many as divide ``n`` (at most ``--devices``)."""
+  import jax
+  devices = jax.devices()
+  wanted = config.devices or len(devices)
+  count = max(k for k in range(1, min(wanted, len(devices)) + 1) if config.num_workers % k == 0)
+  if config.devices and count != config.devices:
+    raise UsageError(f"--devices {config.devices}: {len(devices)} device(s) available and "
+                     f"num_workers={config.num_workers} must be a multiple of the device count; "
+                     f"pick a divisor of {config.num_workers}")
+  return devices[:count]
+
+
+def request_cpu_devices(config: Config) -> None:
+  """Asks for simulated CPU devices for the sharded backends (before JAX starts its backends)."""
+  if config.backend == "vmap":
+    return
+  import jax
+  count = config.devices or max(k for k in range(1, 9) if config.num_workers % k == 0)
+  try:
+    jax.config.update("jax_num_cpu_devices", count)
+  except Exception:  # noqa: BLE001 - backends already started: use what exists
+    pass
+
+
+class RuleRunner(NamedTuple):
+  """A compiled training loop for one rule in one setting: ``run(seed, on_progress)``."""
+  label: str
+  run: Callable
+
+
+def build_runner(config: Config, prepared: Prepared, rule_text: str) -> RuleRunner:
+  """Compiles (lazily) the training loop of one rule.
+
+  Raises:
+    RuleUnavailable: the rule's bound on f is broken in this setting.
+    UsageError: a bad rule or attack option.
+  """
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  import optax
+  import flagjax
+  from experiments import models
+
+  rule = specs.parse_spec(rule_text, "rule")
+  n, f, rule_f = config.num_workers, config.num_byzantine, config.rule_f
+  specs.check_rule(rule, n, rule_f)
+  attack = specs.parse_spec(config.attack, "attack")
+  plan = specs.make_attack(attack, num_workers=n, num_byzantine=f,
+                           num_classes=prepared.dataset.num_classes,
+                           rule=specs.rule_function(rule),
+                           rule_kwargs=specs.rule_kwargs(rule, rule_f))
+  tx = optax.chain(*plan.pre,
+                   specs.make_aggregator(rule, rule_f, n, config.worker_momentum),
+                   *make_optimizer(config))
+  devices = None if config.backend == "vmap" else _sharded_devices(config)
+  try:
+    step = flagjax.sim.make_train_step(
+        prepared.loss_fn, tx, num_workers=n, num_byzantine=f, attack=plan.attack,
+        data_attack=plan.data_attack, backend=config.backend, devices=devices)
+  except ValueError as error:
+    raise UsageError(str(error).splitlines()[0]) from None
+
+  batch_size = config.batch_size
+  chunks = {}
+
+  def chunk_fn(length: int):
+    """``length`` steps as one jitted ``lax.scan`` (batches drawn inside)."""
+    if length not in chunks:
+      def run_chunk(params, opt_state, key, first_step, shards, images, labels):
+        def body(carry, step_number):
+          params, opt_state = carry
+          # Keys from the step number: --eval-every does not change the training run.
+          batch_key, step_key = jax.random.split(jax.random.fold_in(key, step_number))
+          batch = data_lib.sample_batches(batch_key, shards, images, labels, batch_size)
+          params, opt_state, metrics = step(params, opt_state, batch, step_key)
+          # The Byzantine rows' share of the aggregate's coefficients (NaN for rules that are
+          # not Gram-space): how much the attackers got through.
+          coefficients = metrics["coefficients"]
+          byzantine_weight = jnp.sum(coefficients[n - f:]) / jnp.sum(coefficients)
+          return (params, opt_state), (metrics["honest_loss"], byzantine_weight)
+        (params, opt_state), (losses, weights) = jax.lax.scan(
+            body, (params, opt_state), first_step + jnp.arange(length))
+        return params, opt_state, jnp.mean(losses), jnp.mean(weights)
+      chunks[length] = jax.jit(run_chunk)
+    return chunks[length]
+
+  def run(seed: int, on_progress: Optional[Callable[[int, float], None]] = None) -> dict:
+    start = time.perf_counter()
+    _, params = models.functional(models.create(
+        config.model, prepared.dataset.image_shape, prepared.dataset.num_classes, seed))
+    opt_state = tx.init(params)
+    shards = data_lib.partition(prepared.dataset.train_labels, n, config.alpha, seed,
+                                width=len(prepared.dataset.train_labels))
+    shards = data_lib.WorkerShards(jnp.asarray(shards.indices), jnp.asarray(shards.sizes))
+    key = jax.random.key(seed)
+    steps, accuracy, losses, weights = [0], [float(prepared.accuracy(params))], [], []
+    done = 0
+    steady_seconds, steady_steps = 0.0, 0  # after the first chunk (which compiles)
+    while done < config.steps:
+      length = min(config.eval_every, config.steps - done)
+      tic = time.perf_counter()
+      params, opt_state, loss, weight = chunk_fn(length)(
+          params, opt_state, key, done, shards, prepared.train_images, prepared.train_labels)
+      acc = float(prepared.accuracy(params))
+      if done > 0:
+        steady_seconds += time.perf_counter() - tic
+        steady_steps += length
+      done += length
+      steps.append(done)
+      accuracy.append(acc)
+      losses.append(float(loss))
+      weights.append(float(weight))
+      if on_progress is not None:
+        on_progress(length, acc)
+    seconds = time.perf_counter() - start
+    per_step = steady_seconds / steady_steps if steady_steps else None
+    return {"seed": seed, "steps": steps, "test_accuracy": accuracy, "honest_loss": losses,
+            "byzantine_weight": [None if math.isnan(w) else w for w in weights],
+            "final_accuracy": accuracy[-1], "seconds": seconds,
+            "seconds_per_step": per_step,
+            "diverged": bool(not np.isfinite(losses[-1]))}
+
+  return RuleRunner(rule.label, run)
+
+
+def progress_bar(total: int, enabled: bool, unit: str = "step"):
+  from tqdm import tqdm
+  return tqdm(total=total, disable=not enabled or total == 0, unit=unit, dynamic_ncols=True,
+              file=sys.stderr, leave=False)
+
+
+def run_comparison(config: Config, *, progress: bool = True,
+                   log: Callable[[str], None] = print) -> dict:
+  """Trains every rule of ``config`` for every seed; returns the results (JSON-ready)."""
+  validate(config)
+  request_cpu_devices(config)
+  prepared = prepare(config)
+  results = {}
+  runners = []
+  for text in config.rules:
+    try:
+      runners.append(build_runner(config, prepared, text))
+    except RuleUnavailable as reason:
+      label = specs.parse_spec(text, "rule").label
+      results[label] = {"status": "n/a", "reason": str(reason)}
+      log(f"{label}: n/a in this setting ({reason})")
+  if not runners:
+    reasons = "; ".join(r["reason"] for r in results.values())
+    raise UsageError(f"{reasons}: lower --num-byzantine / --assumed-byzantine or raise "
+                     f"--num-workers")
+  bar = progress_bar(len(runners) * len(config.seeds) * config.steps, progress)
+  try:
+    for runner in runners:
+      runs = []
+      for seed in config.seeds:
+        bar.set_postfix_str(f"{runner.label} seed={seed}")
+        def on_progress(length, acc, label=runner.label, seed=seed):
+          bar.update(length)
+          bar.set_postfix_str(f"{label} seed={seed} acc={acc:.3f}")
+        runs.append(runner.run(seed, on_progress))
+      final = [r["final_accuracy"] for r in runs]
+      results[runner.label] = {"status": "ok", "final_accuracy": report.summarize(final),
+                               "runs": runs}
+  finally:
+    bar.close()
+  # Keep the order of --rules.
+  order = [specs.parse_spec(t, "rule").label for t in config.rules]
+  return {label: results[label] for label in order}
+
+
+def results_table(rules: dict) -> tuple[list[str], list[list[str]], list[str]]:
+  """``(header, rows, notes)`` of the terminal table; notes give the n/a reasons."""
+  seeds = max((len(r["runs"]) for r in rules.values() if r["status"] == "ok"), default=1)
+  header = ["rule", f"final test accuracy ({seeds} seed{'s' if seeds > 1 else ''})",
+            "best", "ms/step"]
+  rows, notes = [], []
+  for label, result in rules.items():
+    if result["status"] != "ok":
+      rows.append([label, "n/a", "", ""])
+      notes.append(f"{label}: n/a, {result['reason']}")
+      continue
+    best = max(max(r["test_accuracy"]) for r in result["runs"])
+    per_step = [r["seconds_per_step"] for r in result["runs"] if r["seconds_per_step"]]
+    ms = f"{1e3 * sum(per_step) / len(per_step):.1f}" if per_step else ""
+    rows.append([label, report.format_accuracy(result["final_accuracy"]), f"{best:.3f}", ms])
+  return header, rows, notes
+
+
+def write_outputs(out_dir: str, name: str, config: Config, rules: dict, command: str,
+                  chance: float) -> tuple[str, str]:
+  """Writes ``<out>/<name>.json`` and ``<out>/<name>.png`` (atomically); returns the paths."""
+  import numpy as np
+  json_path = os.path.join(out_dir, f"{name}.json")
+  png_path = os.path.join(out_dir, f"{name}.png")
+  report.atomic_write_json(json_path, {
+      "command": command, "setting": describe_setting(config), "config": config.to_json(),
+      "rules": rules, "versions": _versions()})
+  curves = {label: (r["runs"][0]["steps"], np.array([run["test_accuracy"] for run in r["runs"]]))
+            for label, r in rules.items() if r["status"] == "ok"}
+  seeds = len(config.seeds)
+  title = describe_setting(config) + (f" ({seeds} seeds: mean, min-max band)" if seeds > 1
+                                      else f" (seed {config.seeds[0]})")
+  report.plot_curves(png_path, curves, title=title, chance=chance)
+  return json_path, png_path
+
+
+def _versions() -> dict:
+  import jax
+  import optax
+  import flax
+  import flagjax
+  return {"flagjax": flagjax.__version__, "jax": jax.__version__, "optax": optax.__version__,
+          "flax": flax.__version__, "backend": jax.default_backend()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+DESCRIPTION = """\
+Train a classifier with n simulated workers, f of them Byzantine, and compare robust
+aggregation rules. Every rule sees the same data, model initialisation and attack (per seed).
+
+Each step every worker draws a minibatch from its own shard of the training set and computes
+its gradient; the last f workers are Byzantine: they send the --attack's rows instead (or, for
+a data attack such as label_flip, the gradient of their poisoned batch). The rule aggregates
+the n rows into one update, which the optimizer applies. Test accuracy is measured every
+--eval-every steps.
+"""
+
+EPILOG = """\
+rules (--rules, with optional hyperparameters as name:key=value,key=value):
+  mean  median  trimmed_mean  meamed  phocas  krum  multi_krum[:m=]  bulyan
+  geometric_median[:max_iters=,tol=,nu=]  centered_clipping[:tau=,num_iters=]
+  mda  monna[:idx=]  flag[:rank=,lam=,max_iters=,tol=,eps=,scale=rank|mean|norm]
+  Rules that take f get --assumed-byzantine (default: --num-byzantine). A rule whose bound on
+  f is broken (e.g. bulyan needs n >= 4f + 3) is reported as n/a in a comparison; alone, it
+  is an error.
+
+attacks (--attack, with optional hyperparameters):
+  none                     every worker is honest (f workers are still assumed by the rules)
+  gaussian[:mu=,sigma=]    N(mu, sigma^2) rows          uniform     U[0, 1) rows (the paper's)
+  sign_flip                -mean of the honest rows     ipm[:eps=]  -eps * mean (default 0.1)
+  alie[:z=]                mean + z * std (Baruch et al.; z from n and f by default)
+  mimic[:idx=]  nan  inf   scaled[:factor=] (factor * mean, default -10)
+  optimal_alie  optimal_ipm   adaptive: the factor that hurts the chosen rule most
+  label_flip               data attack: labels y -> 9 - y on the Byzantine workers
+  augmented[:sigma=,num_iterations=,time=]   data attack: the paper's workers on augmented
+                           data (Gaussian noise, Lotka-Volterra flow or cat map per batch);
+                           also augment_gaussian, augment_lotka_volterra, augment_cat_map
+  lossy[:drop_fraction=]   lossy links: the f workers send their own gradients with a
+                           fraction (default 0.1) of the coordinates lost (zeros)
+
+examples:
+  python -m experiments.train                                   # the default comparison
+  python -m experiments.train --rules flag median --attack sign_flip --num-byzantine 5
+  python -m experiments.train --rules flag:lam=8 --num-workers 7 --num-byzantine 1 \\
+      --attack uniform --alpha iid
+  python -m experiments.train --dataset mnist --model cnn --steps 1000 --seeds 0
+  python -m experiments.train --preset cifar10-resnet18        # for accelerators
+  python -m experiments.train --list-presets
+
+outputs: <out>/<name>.json (config, per-seed curves, summary) and <out>/<name>.png.
+Datasets mnist and cifar10 are downloaded on first use into --data-dir (default
+$FLAGJAX_DATA or ~/.cache/flagjax); digits and synthetic need no network.
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+  """Usage errors as one line that says what to do."""
+
+  def error(self, message):
+    self.exit(2, f"error: {message} (see --help)\n")
+
+
+def _alpha(text: str) -> Optional[float]:
+  if text.lower() in ("iid", "none", "inf"):
+    return None
+  try:
+    return float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected a number or 'iid', got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+  d = Config()
+  parser = _Parser(prog="python -m experiments.train", description=DESCRIPTION, epilog=EPILOG,
+                   formatter_class=argparse.RawDescriptionHelpFormatter,
+                   argument_default=argparse.SUPPRESS)
+  g = parser.add_argument_group("setting")
+  g.add_argument("--preset", metavar="NAME",
+                 help="start from a named setting of the paper's study (see --list-presets); "
+                      "options given explicitly override it")
+  g.add_argument("--list-presets", action="store_true", help="list the presets and exit")
+  g.add_argument("--dataset", metavar="NAME",
+                 help=f"{' | '.join(data_lib.DATASETS)} (default: {d.dataset})")
+  g.add_argument("--data-dir", metavar="DIR",
+                 help="download cache for mnist / cifar10 (default: $FLAGJAX_DATA or "
+                      "~/.cache/flagjax)")
+  g.add_argument("--offline", action="store_true",
+                 help="never download; fail with a message when a dataset file is missing")
+  g.add_argument("--model", metavar="NAME",
+                 help=f"mlp | cnn | resnet18 (default: {d.model})")
+  g.add_argument("--alpha", type=_alpha, metavar="A",
+                 help="Dirichlet concentration of the non-IID split over workers; 'iid' for an "
+                      f"IID split (default: {d.alpha})")
+  g = parser.add_argument_group("workers and attack")
+  g.add_argument("--num-workers", "-n", type=int, metavar="N",
+                 help=f"number of workers n (default: {d.num_workers})")
+  g.add_argument("--num-byzantine", "-f", type=int, metavar="F",
+                 help=f"number of Byzantine workers f, the last f (default: {d.num_byzantine})")
+  g.add_argument("--assumed-byzantine", type=int, metavar="F",
+                 help="the f the rules are told (default: --num-byzantine)")
+  g.add_argument("--attack", metavar="SPEC",
+                 help=f"what the Byzantine workers do, see below (default: {d.attack})")
+  g.add_argument("--rules", nargs="+", metavar="SPEC",
+                 help=f"rules to compare (default: {' '.join(d.rules)})")
+  g = parser.add_argument_group("training")
+  g.add_argument("--steps", type=int, help=f"training steps (default: {d.steps})")
+  g.add_argument("--batch-size", type=int, metavar="B",
+                 help=f"examples per worker per step (default: {d.batch_size})")
+  g.add_argument("--optimizer", metavar="NAME",
+                 help=f"sgd | adam, applied to the aggregate (default: {d.optimizer})")
+  g.add_argument("--lr", type=float, help=f"learning rate (default: {d.lr})")
+  g.add_argument("--momentum", type=float,
+                 help=f"SGD momentum, 0 for none (default: {d.momentum})")
+  g.add_argument("--weight-decay", type=float, metavar="WD",
+                 help=f"decoupled weight decay added to the aggregate (default: {d.weight_decay})")
+  g.add_argument("--worker-momentum", type=float, metavar="BETA",
+                 help="aggregate each worker's momentum m_i <- beta m_i + (1 - beta) g_i "
+                      "instead of its raw gradient (Karimireddy et al. 2021) (default: off)")
+  g.add_argument("--seeds", type=int, nargs="+", metavar="S",
+                 help="seeds of model init, data split, batches and attack noise; results are "
+                      f"averaged over them (default: {' '.join(map(str, d.seeds))})")
+  g.add_argument("--eval-every", type=int, metavar="K",
+                 help=f"steps between test-accuracy evaluations (default: {d.eval_every})")
+  g.add_argument("--backend", metavar="NAME",
+                 help="vmap (one device) | pmap | shard_map (workers spread over devices, "
+                      f"coordinate-sharded aggregation) (default: {d.backend})")
+  g.add_argument("--devices", type=int, metavar="K",
+                 help="devices for pmap / shard_map, a divisor of n; on a CPU this many "
+                      "devices are simulated (default: the largest divisor of n up to 8)")
+  g = parser.add_argument_group("output")
+  g.add_argument("--out", metavar="DIR", help="output folder (default: results)")
+  g.add_argument("--name", help="file name stem (default: derived from the setting)")
+  g.add_argument("--no-progress", action="store_true", help="no progress bar")
+  return parser
+
+
+CONFIG_OPTIONS = tuple(f.name for f in dataclasses.fields(Config))
+
+
+def config_from_args(args: argparse.Namespace, base: Optional[Config] = None) -> Config:
+  """``base`` (or the preset's, or the defaults) overridden by the options given explicitly."""
+  config = base or Config()
+  if getattr(args, "preset", None):
+    config = presets_lib.get(args.preset).train_config(config)
+  changes = {k: getattr(args, k) for k in CONFIG_OPTIONS if hasattr(args, k)}
+  for key in ("rules", "seeds"):
+    if key in changes:
+      changes[key] = tuple(changes[key])
+  return config.replace(**changes)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  args = build_parser().parse_args(argv)
+  if getattr(args, "list_presets", False):
+    print(presets_lib.describe_all())
+    return 0
+  try:
+    config = config_from_args(args)
+    validate(config)
+    out_dir = getattr(args, "out", "results")
+    name = getattr(args, "name", None) or default_name(config)
+    command = "python -m experiments.train" + ("" if not argv else " " + shlex.join(argv))
+    print(f"setting: {describe_setting(config)}; {config.steps} steps, batch {config.batch_size}"
+          f"/worker, {config.optimizer} lr={config.lr:g}, seeds {list(config.seeds)}",
+          flush=True)
+    rules = run_comparison(config, progress=not getattr(args, "no_progress", False))
+    header, rows, notes = results_table(rules)
+    print()
+    print(report.text_table(header, rows))
+    for note in notes:
+      print(note)
+    chance = 1.0 / 10  # every dataset here has 10 classes
+    json_path, png_path = write_outputs(out_dir, name, config, rules, command, chance)
+    print(f"\nwrote {json_path} and {png_path}")
+    return 0
+  except (UsageError, data_lib.DataError, presets_lib.PresetError) as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

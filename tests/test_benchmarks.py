@@ -1,0 +1,108 @@
+"""The benchmarks in a tiny configuration, so that they cannot rot: structure, not speed."""
+
+import json
+import math
+import os
+
+import pytest
+
+from experiments import bench_aggregators
+from experiments import bench_throughput
+
+
+def _positive_finite(value):
+  return isinstance(value, float) and math.isfinite(value) and value > 0
+
+
+def test_bench_aggregators_tiny(tmp_path):
+  rules = ["mean", "median", "trimmed_mean", "krum", "flag"]
+  results = bench_aggregators.main([
+      "--n", "8", "--d", "1000,3000", "--rules", ",".join(rules), "--reps", "2",
+      "--libraries", "flagjax,byzfl,dspace", "--out", str(tmp_path), "--quiet"])
+
+  for name in ("aggregators.json", "aggregators.md", "aggregators.png"):
+    assert os.path.getsize(tmp_path / name) > 0, name
+  assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]  # atomic writes
+  with open(tmp_path / "aggregators.json") as handle:
+    assert json.load(handle)["cells"] == json.loads(json.dumps(results["cells"]))
+
+  assert [(c["n"], c["d"], c["f"]) for c in results["cells"]] == [(8, 1000, 2), (8, 3000, 2)]
+  for cell in results["cells"]:
+    assert [r["rule"] for r in cell["rules"]] == rules
+    for record in cell["rules"]:
+      assert _positive_finite(record["one_pass_ms"])
+      assert record["one_pass_reps"] == 2
+      assert _positive_finite(record["flagjax_ms"]), record
+      assert _positive_finite(record["ratio_to_one_pass"])
+      for library in ("byzfl", "dspace"):
+        if record.get(f"{library}_ms") is not None:
+          assert _positive_finite(record[f"{library}_over_flagjax"])
+  by_rule = {r["rule"]: r for r in results["cells"][0]["rules"]}
+  assert "dspace_ms" not in by_rule["median"]  # d-space only for the flag rows
+  assert _positive_finite(by_rule["flag"]["dspace_ms"])
+  if results["byzfl_version"] is None:  # CI: no torch, ByzFL reported as unavailable
+    assert "byzfl" in results["notes"]
+  else:
+    assert _positive_finite(by_rule["median"]["byzfl_ms"])
+
+  table = (tmp_path / "aggregators.md").read_text()
+  assert "## n = 8, d = 1,000, f = 2" in table
+  assert table.count("| median |") == 2
+
+
+def test_bench_aggregators_help_and_bad_names(capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    bench_aggregators.main(["--help"])
+  assert exit_info.value.code == 0
+  assert "--rules" in capsys.readouterr().out
+  with pytest.raises(SystemExit):
+    bench_aggregators.main(["--rules", "no_such_rule"])
+
+
+def test_bench_throughput_tiny(tmp_path):
+  results = bench_throughput.main([
+      "--rules", "mean,median", "--backends", "vmap,shard_map", "--steps", "2",
+      "--reps", "1", "--out", str(tmp_path), "--quiet"])
+  assert os.path.getsize(tmp_path / "throughput.json") > 0
+  assert os.path.getsize(tmp_path / "throughput.md") > 0
+  assert [(r["backend"], r["rule"]) for r in results["records"]] == [
+      ("vmap", "mean"), ("vmap", "median"), ("shard_map", "mean"), ("shard_map", "median")]
+  for record in results["records"]:
+    assert "status" not in record, record
+    assert _positive_finite(record["ratio_to_mean"])
+    assert _positive_finite(record["steps_per_second"])
+    assert _positive_finite(record["mean_steps_per_second"])
+  assert os.path.getsize(tmp_path / "throughput.png") > 0
+  table = (tmp_path / "throughput.md").read_text()
+  assert "| median |" in table and "shard_map x mean" in table
+
+
+def test_bench_aggregators_reports_unmeasured_rules(tmp_path, monkeypatch):
+  """A rule that raises (still being written, or past its bound) is "n/a", not a crash."""
+  def not_written(x, *args, **kwargs):
+    raise NotImplementedError("being written")
+  monkeypatch.setattr(bench_aggregators.aggregators, "median", not_written)
+  results = bench_aggregators.main([
+      "--n", "8", "--d", "500", "--rules", "median,mda", "--reps", "1", "--libraries",
+      "flagjax", "--out", str(tmp_path), "--quiet", "--no-plot"])
+  median, mda = results["cells"][0]["rules"]
+  assert median["flagjax_ms"] is None and median["ratio_to_one_pass"] is None
+  assert median["flagjax_status"].startswith("n/a (not implemented")
+  assert _positive_finite(mda["flagjax_ms"])  # C(8, 2) subsets: within mda's limit
+  assert "| median | n/a (not implemented" in (tmp_path / "aggregators.md").read_text()
+
+
+def test_merge_runs_takes_medians():
+  def run(ms, ratio, status=None):
+    record = {"rule": "krum", "n": 8, "d": 100, "f": 2, "flagjax_ms": ms, "flagjax_reps": 3,
+              "ratio_to_one_pass": ratio, "byzfl_ms": None}
+    if status:
+      record["byzfl_status"] = status
+    return {"machine": {"summary": "test"}, "cells": [{"n": 8, "d": 100, "f": 2,
+                                                      "rules": [record]}]}
+  merged = bench_aggregators.merge_runs([run(1.0, 2.0, "n/a (x)"), run(5.0, 3.0), run(2.0, 9.0)])
+  record = merged["cells"][0]["rules"][0]
+  assert (record["flagjax_ms"], record["ratio_to_one_pass"]) == (2.0, 3.0)
+  assert record["flagjax_reps"] == 9 and record["byzfl_ms"] is None
+  assert (record["n"], record["f"], merged["merged_runs"]) == (8, 2, 3)
+  assert "| krum | 2 | 3x |" in bench_aggregators.markdown(merged)

@@ -1,0 +1,318 @@
+"""The experiments: data loaders on tiny files in the real formats, partitions, models, option
+parsing, an end-to-end training run, one-line errors, and a sweep killed and resumed."""
+
+import gzip
+import io
+import json
+import os
+import pickle
+import signal
+import struct
+import subprocess
+import sys
+import tarfile
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from experiments import data
+from experiments import models
+from experiments import presets
+from experiments import report
+from experiments import specs
+from experiments import sweep
+from experiments import train
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# A tiny, easy setting shared by the end-to-end tests (few compilations, seconds to run).
+TINY = ["--dataset", "synthetic", "--model", "mlp", "-n", "5", "-f", "1", "--alpha", "iid",
+        "--steps", "40", "--eval-every", "20", "--batch-size", "16", "--seeds", "0",
+        "--no-progress"]
+
+
+def standardise(train_x, test_x):
+  """The loaders' normalisation, from its definition: per channel, training mean and std."""
+  mean = train_x.mean(axis=(0, 1, 2), keepdims=True)
+  std = train_x.std(axis=(0, 1, 2), keepdims=True) + 1e-6
+  return (train_x - mean) / std, (test_x - mean) / std
+
+
+# ---------------------------------------------------------------------------------------------
+# Data.
+
+
+def write_idx(path, array):
+  """A gzipped idx file as MNIST ships it: big-endian magic 0x0000080<ndim>, dims, uint8s."""
+  array = np.asarray(array, np.uint8)
+  header = struct.pack(">i", 0x800 + array.ndim) + struct.pack(">" + "i" * array.ndim,
+                                                                *array.shape)
+  with gzip.open(path, "wb") as stream:
+    stream.write(header + array.tobytes())
+
+
+def test_mnist_loader_reads_idx_files_without_network(tmp_path):
+  rng = np.random.default_rng(0)
+  train_images = rng.integers(0, 256, (12, 28, 28), dtype=np.uint8)
+  test_images = rng.integers(0, 256, (5, 28, 28), dtype=np.uint8)
+  train_labels, test_labels = rng.integers(0, 10, 12), rng.integers(0, 10, 5)
+  write_idx(tmp_path / "train-images-idx3-ubyte.gz", train_images)
+  write_idx(tmp_path / "train-labels-idx1-ubyte.gz", train_labels)
+  write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", test_images)
+  write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", test_labels)
+  ds = data.load_mnist(str(tmp_path), download=False)
+  chex.assert_shape([ds.train_images, ds.test_images], [(12, 28, 28, 1), (5, 28, 28, 1)])
+  want_train, want_test = standardise(train_images[..., None] / 255.0,
+                                      test_images[..., None] / 255.0)
+  np.testing.assert_allclose(ds.train_images, want_train, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(ds.test_images, want_test, rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(ds.train_labels, train_labels)
+  np.testing.assert_array_equal(ds.test_labels, test_labels)
+
+
+def test_idx_reader_rejects_a_corrupt_file(tmp_path):
+  path = tmp_path / "bad.gz"
+  with gzip.open(path, "wb") as stream:
+    stream.write(struct.pack(">iiii", 2051, 3, 28, 28) + b"\x00" * 10)  # too few pixels
+  with pytest.raises(data.DataError, match="delete it"):
+    data.read_idx(str(path))
+
+
+def test_cifar10_loader_reads_the_python_pickle_archive(tmp_path):
+  rng = np.random.default_rng(1)
+  batches = {}
+  for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+    batches[name] = {b"data": rng.integers(0, 256, (3, 3072), dtype=np.uint8),
+                     b"labels": rng.integers(0, 10, 3).tolist(), b"batch_label": name.encode()}
+  with tarfile.open(tmp_path / "cifar-10-python.tar.gz", "w:gz") as archive:
+    for name, batch in batches.items():
+      payload = pickle.dumps(batch)
+      info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
+      info.size = len(payload)
+      archive.addfile(info, io.BytesIO(payload))
+  ds = data.load_cifar10(str(tmp_path), download=False)
+  chex.assert_shape([ds.train_images, ds.test_images], [(15, 32, 32, 3), (3, 32, 32, 3)])
+  # Each row is 1024 red, then 1024 green, then 1024 blue values, row-major within a plane.
+  to_nhwc = lambda raw: raw.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1) / 255.0
+  raw_train = np.concatenate([batches[f"data_batch_{i}"][b"data"] for i in range(1, 6)])
+  want_train, want_test = standardise(to_nhwc(raw_train), to_nhwc(batches["test_batch"][b"data"]))
+  np.testing.assert_allclose(ds.train_images, want_train, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(ds.test_images, want_test, rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(ds.test_labels, batches["test_batch"][b"labels"])
+
+
+def test_missing_file_offline_says_what_to_do(tmp_path):
+  with pytest.raises(data.DataError, match=r"missing dataset file .*train-images.*download"):
+    data.load_mnist(str(tmp_path), download=False)
+
+
+def test_digits_split():
+  ds = data.load_digits()
+  chex.assert_shape([ds.train_images, ds.test_images], [(1437, 8, 8, 1), (360, 8, 8, 1)])
+  assert set(np.unique(ds.test_labels)) == set(range(10))
+  np.testing.assert_allclose(ds.train_images.mean(), 0.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("alpha", [None, 0.3])
+def test_partition_is_disjoint_and_complete(alpha):
+  labels = data.load_digits().train_labels
+  shards = data.partition(labels, 15, alpha, seed=3, width=len(labels))
+  chex.assert_shape(shards.indices, (15, len(labels)))
+  owned = np.concatenate([row[:size] for row, size in zip(shards.indices, shards.sizes)])
+  np.testing.assert_array_equal(np.sort(owned), np.arange(len(labels)))
+  assert shards.sizes.min() >= 10
+  if alpha is None:
+    assert shards.sizes.max() - shards.sizes.min() <= 1
+
+
+def test_dirichlet_skews_the_labels():
+  labels = data.load_digits().train_labels
+
+  def dominant_share(alpha):
+    hist = data.label_histogram(data.partition(labels, 15, alpha, seed=0), labels, 10)
+    return np.mean(hist.max(1) / hist.sum(1))
+  assert dominant_share(0.1) > 2 * dominant_share(None)
+
+
+def test_batches_come_from_each_workers_own_shard():
+  labels = np.arange(200) % 10
+  shards = data.partition(labels, 4, 0.5, seed=1, width=200)
+  ids = jnp.arange(200)
+  batch = data.sample_batches(jax.random.key(0), data.WorkerShards(*map(jnp.asarray, shards)),
+                              ids.astype(jnp.float32), ids, 64)
+  chex.assert_shape([batch["image"], batch["label"]], [(4, 64), (4, 64)])
+  for worker, drawn in enumerate(np.asarray(batch["label"])):
+    own = shards.indices[worker, :shards.sizes[worker]]
+    assert np.isin(drawn, own).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# Models.
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn"])
+def test_models_are_pure_functions_of_their_params(name):
+  model = models.create(name, (8, 8, 1), 10, seed=0)
+  apply, params = models.functional(model)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(3, 8, 8, 1)), jnp.float32)
+  logits = apply(params, x)
+  chex.assert_shape(logits, (3, 10))
+  np.testing.assert_allclose(logits, model(x), rtol=1e-5, atol=1e-5)
+  zeroed = jax.tree.map(jnp.zeros_like, params)
+  np.testing.assert_allclose(apply(zeroed, x), 0.0)  # the params really flow through apply
+
+
+def test_resnet18_shapes_and_size():
+  from flax import nnx
+  # Abstract: no 11M-parameter initialisation on the test CPU.
+  model = nnx.eval_shape(lambda: models.create("resnet18", (32, 32, 3), 10, seed=0))
+  apply, params = models.functional(model)
+  logits = jax.eval_shape(apply, params, jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32))
+  chex.assert_shape(logits, (2, 10))
+  assert 11.0e6 < models.num_parameters(params) < 11.4e6  # ResNet-18 for CIFAR: ~11.2M
+
+
+# ---------------------------------------------------------------------------------------------
+# Specs and presets.
+
+
+def test_parse_spec():
+  assert specs.parse_spec("flag:lam=4,scale=norm,rank=None", "rule") == specs.Spec(
+      "flag", (("lam", 4), ("scale", "norm"), ("rank", None)))
+  assert specs.parse_spec("gaussian:sigma=100", "attack").label == "gaussian(sigma=100)"
+  with pytest.raises(specs.UsageError, match="write flag:key=value"):
+    specs.parse_spec("flag:lam", "rule")
+
+
+def test_rule_options_are_checked():
+  with pytest.raises(specs.UsageError, match="unknown rule 'krumm' \\(did you mean krum\\?\\)"):
+    specs.rule_kwargs(specs.parse_spec("krumm", "rule"), 1)
+  with pytest.raises(specs.UsageError, match="flag has no hyperparameter 'lamda'"):
+    specs.rule_kwargs(specs.parse_spec("flag:lamda=3", "rule"), 1)
+  assert specs.rule_kwargs(specs.parse_spec("trimmed_mean", "rule"), 2) == {"f": 2}
+  assert specs.rule_kwargs(specs.parse_spec("mean", "rule"), 2) == {}
+
+
+def test_broken_bound_is_unavailable_not_a_crash():
+  with pytest.raises(specs.RuleUnavailable, match=r"bulyan needs n >= 4\*f \+ 3"):
+    specs.check_rule(specs.parse_spec("bulyan", "rule"), 15, 5)
+  specs.check_rule(specs.parse_spec("bulyan", "rule"), 15, 3)
+
+
+def test_lossy_links_damage_only_the_byzantine_workers_own_updates():
+  plan = specs.make_attack(specs.parse_spec("lossy:drop_fraction=0.25", "attack"),
+                           num_workers=5, num_byzantine=2, num_classes=10)
+  assert plan.attack is None and plan.data_attack is None and len(plan.pre) == 1
+  rows = {"w": jnp.arange(1, 5001, dtype=jnp.float32).reshape(5, 1000)}
+  out, _ = plan.pre[0].update(rows, plan.pre[0].init(None), key=jax.random.key(0))
+  out, rows = np.asarray(out["w"]), np.asarray(rows["w"])
+  np.testing.assert_array_equal(out[:3], rows[:3])  # honest workers: intact
+  kept = out[3:] != 0
+  np.testing.assert_array_equal(out[3:][kept], rows[3:][kept])
+  assert abs(1 - kept.mean() - 0.25) < 0.03
+
+
+def test_attack_options_are_checked():
+  with pytest.raises(specs.UsageError, match="attack ipm has no hyperparameter 'epsilon'"):
+    specs.make_attack(specs.parse_spec("ipm:epsilon=2", "attack"), num_workers=5,
+                      num_byzantine=1, num_classes=10)
+  plan = specs.make_attack(specs.parse_spec("label_flip", "attack"), num_workers=5,
+                           num_byzantine=1, num_classes=10)
+  batch = {"image": jnp.zeros((3, 8, 8, 1)), "label": jnp.array([0, 3, 9])}
+  np.testing.assert_array_equal(plan.data_attack(batch, jax.random.key(0))["label"], [9, 6, 0])
+
+
+def test_presets_resolve_to_valid_configs():
+  for preset in presets.PRESETS.values():
+    for _, config in preset.configs():
+      train.validate(config)
+  assert [c.num_byzantine for _, c in presets.get("tolerance").configs()] == [1, 2, 3]
+  assert [(c.num_workers, c.num_byzantine) for _, c in presets.get("scaling").configs()] == [
+      (15, 3), (30, 6), (60, 12)]
+  with pytest.raises(presets.PresetError, match="experiments.sweep --preset readme"):
+    presets.get("readme").train_config()
+
+
+def test_atomic_write_leaves_no_temporary_files(tmp_path):
+  path = tmp_path / "a" / "x.json"
+  report.atomic_write_json(str(path), {"v": 1})
+  report.atomic_write_json(str(path), {"v": 2})
+  assert json.loads(path.read_text()) == {"v": 2}
+  assert os.listdir(path.parent) == ["x.json"]
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end.
+
+
+def test_train_end_to_end(tmp_path, capsys):
+  code = train.main(TINY + ["--rules", "median", "flag", "bulyan", "--attack", "sign_flip",
+                            "--out", str(tmp_path), "--name", "tiny"])
+  assert code == 0
+  out = capsys.readouterr().out
+  assert "bulyan" in out and "n/a" in out
+  result = json.loads((tmp_path / "tiny.json").read_text())
+  assert (tmp_path / "tiny.png").stat().st_size > 1000
+  assert result["rules"]["bulyan"] == {"status": "n/a",
+                                       "reason": "bulyan needs n >= 4*f + 3, got n=5, f=1"}
+  for rule in ("median", "flag"):
+    run = result["rules"][rule]["runs"][0]
+    assert run["steps"] == [0, 20, 40]
+    assert run["final_accuracy"] > 0.5  # chance is 0.1
+  assert result["config"]["num_workers"] == 5
+  assert result["command"].startswith("python -m experiments.train --dataset synthetic")
+
+
+@pytest.mark.parametrize("options,message", [
+    (["--rules", "krumm"], "unknown rule 'krumm'"),
+    (["--rules", "krum", "-f", "2"], r"krum needs n >= 2\*f \+ 3, got n=5, f=2: lower"),
+    (["--attack", "gausian"], "unknown attack 'gausian' \\(did you mean gaussian\\?\\)"),
+    (["--dataset", "mnist", "--offline"], "missing dataset file .* download"),
+    (["-f", "5"], r"--num-byzantine must be in \[0, num_workers\)"),
+])
+def test_bad_options_end_with_one_line(tmp_path, capsys, options, message):
+  argv = TINY + ["--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path)] + options
+  assert train.main(argv) == 2
+  err = capsys.readouterr().err.strip()
+  assert len(err.splitlines()) == 1 and err.startswith("error: ")
+  assert __import__("re").search(message, err), err
+
+
+def test_sweep_killed_and_resumed_loses_and_duplicates_nothing(tmp_path, capsys):
+  out = tmp_path / "sweep"
+  argv = TINY + ["--rules", "mean", "bulyan", "median", "--attacks", "sign_flip",
+                 "-f", "1", "2", "--out", str(out)]
+  process = subprocess.Popen([sys.executable, "-m", "experiments.sweep", *argv], cwd=REPO,
+                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  try:
+    for line in process.stdout:
+      if line.startswith("cell "):  # the first finished cell: kill the sweep mid-run
+        process.send_signal(signal.SIGKILL)
+        break
+  finally:
+    process.kill()
+    process.wait()
+  cells = out / "cells"
+  before = {p.name: p.stat().st_mtime_ns for p in cells.iterdir() if not p.name.startswith(".")}
+  assert 1 <= len(before) < 6, before
+
+  assert sweep.main(argv) == 0
+  log = capsys.readouterr().out
+  assert f"resuming: {len(before)} of 6 cells already done" in log
+  after = {p.name: p.stat().st_mtime_ns for p in cells.iterdir() if not p.name.startswith(".")}
+  assert len(after) == 6 and all(after[name] == mtime for name, mtime in before.items())
+  records = [json.loads((cells / name).read_text()) for name in after]
+  assert sorted((r["setting"], r["rule"]) for r in records) == sorted(
+      (f"sign_flip, f = {f}", rule) for f in (1, 2) for rule in ("mean", "bulyan", "median"))
+  summary = json.loads((out / "results.json").read_text())
+  assert [row["setting"] for row in summary["rows"]] == ["sign_flip, f = 1", "sign_flip, f = 2"]
+  for row in summary["rows"]:
+    assert row["rules"]["mean"]["status"] == row["rules"]["median"]["status"] == "ok"
+    assert row["rules"]["bulyan"]["status"] == "n/a"
+  table = (out / "table.md").read_text()
+  assert table.count("| sign_flip, f = 1 |") == 1 and table.count("| sign_flip, f = 2 |") == 1
+  assert "n/a [1]" in table and "[1] n/a: bulyan needs n >= 4*f + 3, got n=5, f=1." in table
+  assert (out / "heatmap.png").exists()
