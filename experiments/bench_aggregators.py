@@ -25,11 +25,13 @@ Outputs, written atomically (a temporary file, then a rename) into ``--out``
 one panel per ``n``, one line per rule and library).
 
 Rule hyperparameters are flagjax's defaults, except ``flag``, which runs exactly
-``max_iters=20`` IRLS steps (``tol=0``) like the d-space form it is compared with. ByzFL runs
+``--flag-iters`` (default 20) IRLS steps (``tol=0``) like the d-space form it is compared with. ByzFL runs
 with its own defaults (geometric median: 3 Weiszfeld steps; centered clipping: 1 step,
 ``tau=100``), fewer iterations than flagjax's defaults: the comparison favours ByzFL there.
 ByzFL's ``MDA`` enumerates all ``C(n, f)`` subsets in Python and is skipped above
-``--byzfl-max-subsets``.
+``--byzfl-max-subsets``. Pre-aggregators return ``[n, d]``: flagjax allocates a new output
+(writing ``n x d`` fresh floats costs several passes on a CPU), while ByzFL's ``ARC``
+overwrites the clipped rows of its input in place (it gets its own copy of the input here).
 
 ByzFL is optional (``pip install -e ".[bench]"`` in an environment with a CPU torch, or the
 steps in the README). Only its aggregator modules are loaded: its package ``__init__`` imports
@@ -93,6 +95,8 @@ class Rule:
     dspace_pairs: whether the d-space form holds the ``d x n^2`` pair directions (lam > 0).
     byzfl_memory: ``(n, f) ->`` how many inputs' worth of memory ByzFL's version holds beyond
       the common estimate (NNM gathers ``[n, n - f, d]``).
+    fixed_iters: whether ``flagjax`` and ``dspace`` take a ``max_iters`` keyword (the flag
+      rows run exactly ``--flag-iters`` IRLS steps on both sides).
   """
   name: str
   family: str
@@ -102,6 +106,7 @@ class Rule:
   max_f: Optional[Callable[[int], int]] = None
   dspace_pairs: bool = False
   byzfl_memory: Callable[[int, int], int] = lambda n, f: 0
+  fixed_iters: bool = False
 
 
 def flag_rank(n: int) -> int:
@@ -130,15 +135,15 @@ def _byzfl_mda(module, n, f):
 
 
 def _flag(lam: float):
-  def build(n, f):
+  def build(n, f, max_iters=FLAG_MAX_ITERS):
     del n, f
-    return lambda x: aggregators.flag(x, lam=lam, max_iters=FLAG_MAX_ITERS, tol=0.0)
+    return lambda x: aggregators.flag(x, lam=lam, max_iters=max_iters, tol=0.0)
   return build
 
 
 def _dspace_flag(lam: float):
-  def build(module, n):
-    return lambda x: module.flag_dspace(x, rank=flag_rank(n), lam=lam, max_iters=FLAG_MAX_ITERS)
+  def build(module, n, max_iters=FLAG_MAX_ITERS):
+    return lambda x: module.flag_dspace(x, rank=flag_rank(n), lam=lam, max_iters=max_iters)
   return build
 
 
@@ -169,8 +174,9 @@ RULES = (
          byzfl=_byzfl_with_f("NNM"), byzfl_memory=lambda n, f: n - f),
     Rule("arc", "pre-aggregator", lambda n, f: lambda x: preaggregators.arc(x, f),
          byzfl=_byzfl_with_f("ARC")),
-    Rule("flag", "Gram space", _flag(0.0), dspace=_dspace_flag(0.0)),
-    Rule("flag(lam=8)", "Gram space", _flag(8.0), dspace=_dspace_flag(8.0), dspace_pairs=True),
+    Rule("flag", "Gram space", _flag(0.0), dspace=_dspace_flag(0.0), fixed_iters=True),
+    Rule("flag(lam=8)", "Gram space", _flag(8.0), dspace=_dspace_flag(8.0), dspace_pairs=True,
+         fixed_iters=True),
 )
 RULE_NAMES = tuple(rule.name for rule in RULES)
 
@@ -328,13 +334,17 @@ def bench_cell(n: int, d: int, rules: Sequence[Rule], libraries: dict, args,
   one_pass = jax.jit(lambda v: ones @ v)
   if libraries.get("byzfl") is not None:
     import torch
-    x_torch = torch.from_numpy(x_np)  # shares x_np's memory
+    # Its own copy: ByzFL's ARC clips rows of its input in place, and jnp.asarray may share
+    # x_np's memory, so a shared buffer would let one library's calls change the other's input.
+    x_torch = torch.from_numpy(x_np.copy())
     torch_ones = torch.ones(n)
   default_f = n // 4
   records = []
   for rule in rules:
     f = default_f if rule.max_f is None else max(0, min(default_f, rule.max_f(n)))
-    timed = {"one_pass": Timed(one_pass, x), "flagjax": Timed(jax.jit(rule.flagjax(n, f)), x)}
+    iters = {"max_iters": args.flag_iters} if rule.fixed_iters else {}
+    timed = {"one_pass": Timed(one_pass, x),
+             "flagjax": Timed(jax.jit(rule.flagjax(n, f, **iters)), x)}
     torch_timed = {}
     reference_reasons = {}
     if "byzfl" in args.libraries and rule.byzfl is not None:
@@ -362,9 +372,9 @@ def bench_cell(n: int, d: int, rules: Sequence[Rule], libraries: dict, args,
                                      args.dspace_max_bytes):
         reference_reasons["dspace"] = "skipped (beyond --dspace-max-d / --dspace-max-bytes)"
       else:
-        timed["dspace"] = Timed(jax.jit(rule.dspace(module, n)), x)
+        timed["dspace"] = Timed(jax.jit(rule.dspace(module, n, **iters)), x)
     measure_rule([timed, torch_timed], args.reps, args.budget)
-    record = {"rule": rule.name, "family": rule.family, "n": n, "d": d, "f": f}
+    record = {"rule": rule.name, "family": rule.family, "n": n, "d": d, "f": f, **iters}
     for label, entry in {**timed, **torch_timed}.items():
       record[f"{label}_ms"] = entry.median_ms()
       record[f"{label}_reps"] = len(entry.times)
@@ -433,6 +443,7 @@ def markdown(results: dict) -> str:
               "|---|---:|---:|---:|---:|---:|---:|"]
     for r in cell["rules"]:
       name = r["rule"] + (f" (f={r['f']})" if r["f"] != cell["f"] else "")
+      name += f" ({r['max_iters']} iters)" if "max_iters" in r else ""
       lines.append(
           f"| {name} | {_status(r, 'flagjax')} | {_fmt_ratio(r.get('ratio_to_one_pass'))} | "
           f"{_status(r, 'byzfl')} | {_fmt_ratio(r.get('byzfl_over_flagjax'))} | "
@@ -574,6 +585,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument("--max-memory-fraction", type=float, default=0.6,
                       help="skip a cell whose estimated memory exceeds this share of the "
                       "available memory")
+  parser.add_argument("--flag-iters", type=int, default=FLAG_MAX_ITERS,
+                      help="IRLS steps of the flag rows, in flagjax and d-space alike (tol=0)")
   parser.add_argument("--seed", type=int, default=0, help="seed of the random input")
   parser.add_argument("--out", default=os.path.join("results", "bench"),
                       help="output folder")
@@ -650,8 +663,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   for n in args.n:
     for d in args.d:
       # Estimated peaks, in multiples of the input: numpy + JAX copies and a rule's output
-      # (3); ByzFL's sorts add values, int64 indices and copies (5); the d-space SVD holds
-      # the d x n term matrix, U and LAPACK's workspace (4).
+      # (3); ByzFL's own copy of the input, its sorts' values, int64 indices and copies (6);
+      # the d-space SVD holds the d x n term matrix, U and LAPACK's workspace (4).
       limit = args.max_memory_fraction * available if available is not None else math.inf
       input_bytes = n * d * 4
       if 3 * input_bytes > limit:
@@ -660,7 +673,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         if progress is not None:
           progress.update(len(rules))
         continue
-      fits = {"byzfl": 8 * input_bytes <= limit, "dspace": 7 * input_bytes <= limit,
+      fits = {"byzfl": 9 * input_bytes <= limit, "dspace": 7 * input_bytes <= limit,
               "bytes": limit}
       cells.append(bench_cell(n, d, rules, libraries, args, progress, fits))
   if progress is not None:

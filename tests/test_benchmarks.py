@@ -18,7 +18,8 @@ def test_bench_aggregators_tiny(tmp_path):
   rules = ["mean", "median", "trimmed_mean", "krum", "flag"]
   results = bench_aggregators.main([
       "--n", "8", "--d", "1000,3000", "--rules", ",".join(rules), "--reps", "2",
-      "--libraries", "flagjax,byzfl,dspace", "--out", str(tmp_path), "--quiet"])
+      "--libraries", "flagjax,byzfl,dspace", "--flag-iters", "3", "--out", str(tmp_path),
+      "--quiet"])
 
   for name in ("aggregators.json", "aggregators.md", "aggregators.png"):
     assert os.path.getsize(tmp_path / name) > 0, name
@@ -40,6 +41,7 @@ def test_bench_aggregators_tiny(tmp_path):
   by_rule = {r["rule"]: r for r in results["cells"][0]["rules"]}
   assert "dspace_ms" not in by_rule["median"]  # d-space only for the flag rows
   assert _positive_finite(by_rule["flag"]["dspace_ms"])
+  assert by_rule["flag"]["max_iters"] == 3 and "max_iters" not in by_rule["krum"]
   if results["byzfl_version"] is None:  # CI: no torch, ByzFL reported as unavailable
     assert "byzfl" in results["notes"]
   else:
@@ -48,6 +50,7 @@ def test_bench_aggregators_tiny(tmp_path):
   table = (tmp_path / "aggregators.md").read_text()
   assert "## n = 8, d = 1,000, f = 2" in table
   assert table.count("| median |") == 2
+  assert table.count("| flag (3 iters) |") == 2
 
 
 def test_bench_aggregators_help_and_bad_names(capsys):

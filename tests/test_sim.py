@@ -145,6 +145,8 @@ class BackendAgreementTest(chex.TestCase):
     # coordinate-wise rules). Flag's IRLS weights 1 / sqrt(sin^2 + eps) amplify that rounding:
     # in float32 flag itself moves ~1e-3 relative when its input's coordinates are permuted.
     atol = 2e-4 if rule == "flag" else 2e-5
+    # The same ~1e-3 relative to the largest coefficient (~0.1) for flag's coefficients.
+    coefficient_atol = 1e-4 if rule == "flag" else 1e-5
     if rule == "krum":  # a Gram-space rule reports its coefficients: one worker picked
       coefficients = np.asarray(metrics_vmap["coefficients"])
       self.assertEqual(np.count_nonzero(coefficients), 1)
@@ -157,7 +159,7 @@ class BackendAgreementTest(chex.TestCase):
       np.testing.assert_allclose(metrics["honest_loss"], metrics_vmap["honest_loss"],
                                  rtol=1e-4)
       np.testing.assert_allclose(metrics["coefficients"], metrics_vmap["coefficients"],
-                                 rtol=1e-3, atol=1e-5)
+                                 rtol=1e-3, atol=coefficient_atol)
 
   def test_random_data_attack_and_adam_state_agree(self):
     # Data-attack keys are split per worker identically on every backend, so even a random

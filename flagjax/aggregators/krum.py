@@ -182,7 +182,8 @@ def krum(x, f: int, *, axis_name=None):
 
   where :math:`N_i` holds the ``n - f - 2`` workers ``j != i`` nearest to ``x_i``; ties go to
   the lowest index. Needs ``n >= 2f + 3``. Computed in Gram space: ``K`` (``psum``-ed over
-  ``axis_name``), :func:`krum_coefficients`, then one combination pass.
+  ``axis_name``), :func:`krum_coefficients`, then the chosen row is read (one row, not a
+  combination pass: :func:`flagjax.core.gram.select`).
 
   Args:
     x: stacked worker updates ``[n, ...]`` or a pytree of them.
@@ -198,7 +199,8 @@ def krum(x, f: int, *, axis_name=None):
   """
   n = tree_lib.num_workers("krum", x)
   f = _check_krum_bound("krum", n, f)
-  return gram_lib.combine_by_gram(x, lambda K: krum_coefficients(K, f), axis_name=axis_name)
+  coefficients = krum_coefficients(gram_lib.gram(x, axis_name=axis_name), f)
+  return gram_lib.select(jnp.argmax(coefficients), x)
 
 
 def multi_krum(x, f: int, m: Optional[int] = None, *, axis_name=None):

@@ -76,16 +76,19 @@ def _leaf_gram(leaf: jax.Array, extra: Optional[jax.Array], dtype) -> jax.Array:
     extra = extra.reshape(1, -1)
   size = rows.shape[1]
 
-  def chunk_gram(start, length):
+  def chunk_gram(start, length, product=_block_gram):
     block = jax.lax.dynamic_slice_in_dim(rows, start, length, axis=1).astype(dtype)
     if extra is not None:
       block = jnp.concatenate(
           [block, jax.lax.dynamic_slice_in_dim(extra, start, length, axis=1).astype(dtype)], 0)
-    return _block_gram(block)
+    return product(block)
 
   num_chunks = size // GRAM_CHUNK
   if num_chunks < 2:
-    return chunk_gram(0, size)
+    # One small block (under 2 chunks, ~1 MiB at n=16) is already in cache: there the plain
+    # product skips the transpose copy and is ~1.5-2x faster (n=16, d=4810: 73 us vs 166 us).
+    return chunk_gram(0, size, lambda block: jnp.matmul(
+        block, block.T, precision=jax.lax.Precision.HIGHEST))
   # The first chunk's Gram starts the sum (not zeros): it has the rows' type, which inside
   # shard_map is "varying" over the mesh axis, as the scan carry must be.
   total, _ = jax.lax.scan(lambda acc, i: (acc + chunk_gram(i * GRAM_CHUNK, GRAM_CHUNK), None),
@@ -216,12 +219,21 @@ def combine_many(coefficients: jax.Array, x: PyTree, finite: jax.Array) -> PyTre
   return jax.tree.map(leaf_fn, x)
 
 
+def select(index: jax.Array, x: PyTree) -> PyTree:
+  """Row ``index`` of every leaf: the combination with one-hot coefficients, reading one row.
+
+  For rules whose output is one worker's update (Krum): ``combine(one_hot(index), x)`` gives
+  the same values but reads all ``n`` rows; this reads ``1/n`` of the input. Works on a
+  coordinate shard as is.
+  """
+  return jax.tree.map(lambda leaf: jax.lax.dynamic_index_in_dim(leaf, index, 0, keepdims=False),
+                      x)
+
+
 def combine_by_gram(x: PyTree, coefficients_fn, *, axis_name=None) -> PyTree:
   """The whole Gram-space pattern: ``K = gram(x)``, ``c = coefficients_fn(K)``, ``c^T X``."""
   return combine(coefficients_fn(gram(x, axis_name=axis_name)), x)
 
-
-# --- Added for the pre-aggregators and MoNNA/NNM (small, separate; nothing above changed). ---
 
 def sq_norms(x: PyTree, *, axis_name=None) -> jax.Array:
   r"""Squared row norms :math:`|x_i|^2` (the diagonal of ``K``) without forming ``K``.

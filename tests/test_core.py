@@ -1,0 +1,147 @@
+"""The two shared cores against numpy: the Gram-space core and the sorting network.
+
+Every rule is built on these, so they are checked directly, on the shapes that take each
+code path: one small block, the chunked scan with a remainder, several tiles of workers,
+pytrees, an extra row, non-finite rows, and coordinate shards.
+"""
+
+import itertools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+
+from flagjax.core import gram as gram_lib
+from flagjax.core import sorting
+from tests import helpers
+
+# d values for every path of the Gram: one block, exactly two chunks, chunks plus a remainder.
+GRAM_DS = (37, 2 * gram_lib.GRAM_CHUNK, 2 * gram_lib.GRAM_CHUNK + 11)
+
+
+class GramTest(parameterized.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.product(n=(3, 40), d=GRAM_DS)
+  def test_gram_matches_numpy(self, n, d):
+    x = helpers.random_rows(n * 7 + d, n, d)
+    K = self.variant(gram_lib.gram)(jnp.asarray(x))
+    x64 = x.astype(np.float64)
+    chex.assert_shape(K, (n, n))
+    np.testing.assert_allclose(K, x64 @ x64.T, rtol=2e-5, atol=2e-4 * np.sqrt(d))
+    np.testing.assert_array_equal(K, K.T)  # symmetric by construction, not just close
+
+  @parameterized.parameters(*GRAM_DS)
+  def test_pytree_is_the_sum_of_leaf_grams_and_extra_is_row_n(self, d):
+    n = 5
+    tree = {"a": helpers.random_rows(1, n, d).reshape(n, d, 1),
+            "b": helpers.random_rows(2, n, 6)}
+    extra = {"a": helpers.random_rows(3, 1, d).reshape(d, 1), "b": helpers.random_rows(4, 1, 6)[0]}
+    flat = np.concatenate([tree["a"].reshape(n, -1), tree["b"]], 1).astype(np.float64)
+    flat_extra = np.concatenate([extra["a"].ravel(), extra["b"]]).astype(np.float64)
+    stacked = np.concatenate([flat, flat_extra[None]], 0)
+    K = jax.jit(lambda t, e: gram_lib.gram(t, extra=e))(tree, extra)
+    chex.assert_shape(K, (n + 1, n + 1))
+    np.testing.assert_allclose(K, stacked @ stacked.T, rtol=2e-5, atol=1e-3)
+
+  def test_distances_norms_and_non_finite_rows(self):
+    x = helpers.poison(helpers.random_rows(5, 6, 30), rows=[4])
+    K = gram_lib.gram(jnp.asarray(x))
+    finite = np.array([True] * 4 + [False, True])
+    np.testing.assert_array_equal(gram_lib.finite_rows(K), finite)
+    D = np.asarray(gram_lib.sq_distances(K))
+    x64 = x.astype(np.float64)
+    for i, j in itertools.product(range(6), repeat=2):
+      if i == j:
+        self.assertEqual(D[i, j], 0)
+      elif finite[i] and finite[j]:
+        np.testing.assert_allclose(D[i, j], np.sum((x64[i] - x64[j]) ** 2), rtol=1e-4)
+      else:
+        self.assertEqual(D[i, j], np.inf)
+    cleaned, mask = gram_lib.clean_gram(K)
+    np.testing.assert_array_equal(mask, finite)
+    self.assertTrue(np.all(np.isfinite(cleaned)))
+    np.testing.assert_allclose(gram_lib.norms(K)[finite], np.linalg.norm(x64[finite], axis=1),
+                               rtol=1e-5)
+    np.testing.assert_allclose(gram_lib.sq_norms(jnp.asarray(x))[finite],
+                               np.diag(np.asarray(K))[finite], rtol=1e-5)
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_combine_is_nan_safe_where_the_coefficient_is_zero(self):
+    x = helpers.poison(helpers.random_rows(6, 5, 40), rows=[1, 3])
+    c = np.array([0.5, 0.0, 0.25, 0.0, 0.25], np.float32)
+    out = self.variant(gram_lib.combine)(jnp.asarray(c), jnp.asarray(x))
+    np.testing.assert_allclose(out, c @ np.where(np.isfinite(x), x, 0), rtol=1e-6, atol=1e-6)
+    # A non-zero coefficient on a poisoned row poisons the result (no silent repair).
+    self.assertFalse(np.all(np.isfinite(gram_lib.combine(jnp.ones(5), jnp.asarray(x)))))
+
+  def test_combine_many_poisons_only_rows_that_use_a_non_finite_worker(self):
+    x = helpers.poison(helpers.random_rows(7, 4, 12), rows=[2])
+    C = np.array([[1, 1, 0, 0], [0, 0, 1, 1], [0.5, 0, 0, 0.5]], np.float32)
+    finite = gram_lib.finite_rows(gram_lib.gram(jnp.asarray(x)))
+    out = np.asarray(gram_lib.combine_many(jnp.asarray(C), jnp.asarray(x), finite))
+    chex.assert_shape(out, (3, 12))
+    np.testing.assert_allclose(out[[0, 2]], C[[0, 2]] @ np.where(np.isfinite(x), x, 0),
+                               rtol=1e-6)
+    self.assertTrue(np.all(np.isnan(out[1])))
+
+  def test_sharded_gram_is_the_psum_of_shard_grams(self):
+    x = helpers.random_rows(8, 6, 8 * 40)
+    mesh = helpers.coordinate_mesh()
+    sharded = jax.jit(jax.shard_map(
+        lambda xs: gram_lib.gram(xs, axis_name="coords"), mesh=mesh,
+        in_specs=jax.sharding.PartitionSpec(None, "coords"),
+        out_specs=jax.sharding.PartitionSpec()))(x)
+    np.testing.assert_allclose(sharded, gram_lib.gram(jnp.asarray(x)), rtol=1e-5, atol=1e-4)
+
+
+class SortingTest(parameterized.TestCase):
+
+  @parameterized.parameters(*range(1, 41))
+  def test_network_sorts_every_zero_one_input(self, n):
+    # The 0-1 principle: a comparator network sorts everything iff it sorts every 0-1 input.
+    # All 2^n inputs for small n; 4096 random ones (plus the sorted and reversed) beyond.
+    rng = np.random.default_rng(n)
+    if n <= 12:
+      inputs = np.array(list(itertools.product((0, 1), repeat=n)), np.int8)
+    else:
+      inputs = (rng.random((4096, n)) < rng.random((4096, 1))).astype(np.int8)
+    values = inputs.T.copy()
+    for a, b in sorting.batcher_comparators(n):
+      low, high = np.minimum(values[a], values[b]), np.maximum(values[a], values[b])
+      values[a], values[b] = low, high
+    np.testing.assert_array_equal(values.T, np.sort(inputs, axis=1))
+
+  @parameterized.parameters(*itertools.product((2, 7, 16, 33), ((0,), "median", "all")))
+  def test_order_statistics_match_numpy_sort_with_nan_as_inf(self, n, which):
+    x = helpers.random_rows(n, n, 50)
+    x[0, :5] = np.nan
+    x[-1, 5:10] = -np.inf
+    positions = {"median": sorting.median_positions(n), "all": tuple(range(n))}.get(which, which)
+    out = jax.jit(lambda v: sorting.order_statistics(list(v), positions))(jnp.asarray(x))
+    expected = np.sort(np.where(np.isnan(x), np.inf, x), axis=0)
+    for k, p in enumerate(positions):
+      np.testing.assert_array_equal(out[k], expected[p])
+
+  def test_pruned_network_keeps_only_what_the_positions_need(self):
+    full = sorting.batcher_comparators(32)
+    pruned = sorting.pruned_comparators(32, sorting.median_positions(32))
+    self.assertLess(len(pruned), len(full))
+    self.assertTrue(set(pruned) <= set(full))
+
+  def test_mean_closest_to(self):
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(9, 64)).astype(np.float32)
+    center = rng.normal(size=64).astype(np.float32)
+    ordered = sorting.order_statistics(list(jnp.asarray(x)))
+    out = sorting.mean_closest_to(ordered, jnp.asarray(center), 6)
+    nearest = np.argsort(np.abs(x - center), axis=0, kind="stable")[:6]
+    expected = np.take_along_axis(x, nearest, 0).mean(0)
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-6)
+
+
+if __name__ == "__main__":
+  pytest.main([__file__])
