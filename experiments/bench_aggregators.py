@@ -253,15 +253,12 @@ class Timed:
   reason: Optional[str] = None
 
   def _fail(self, error: Exception) -> None:
-    if isinstance(error, NotImplementedError):
-      self.fn, self.reason = None, f"n/a (not implemented: {error})"
-    else:
-      self.fn, self.reason = None, f"n/a ({type(error).__name__}: {str(error)[:160]})"
+    self.fn, self.reason = None, f"n/a ({type(error).__name__}: {str(error)[:160]})"
 
   def warm_up(self) -> None:
     """Compiles a jitted function ahead of time (no call); other callables are called once.
 
-    A failure (a rule still being written, a bound, a library's limit) marks the entry n/a.
+    A failure (a rule's bound, a library's limit) marks the entry n/a.
     """
     if self.fn is None:
       return

@@ -131,7 +131,7 @@ def bench_backend(backend: str, rules: Sequence[StepRule], problem, args, progre
               "steps": args.steps}
     try:
       step, opt_state = baseline if rule is STEP_RULES[0] else build(rule)
-    except Exception as error:  # noqa: BLE001 - a rule being written, or a rule's bound
+    except Exception as error:  # noqa: BLE001 - a rule's bound: reported, never fatal
       record["status"] = f"n/a ({type(error).__name__}: {str(error)[:160]})"
       records.append(record)
       if progress is not None:
