@@ -38,3 +38,20 @@ def poison(x: np.ndarray, rows, values=(np.nan, np.inf, -np.inf)) -> np.ndarray:
     x[i, k % x.shape[1]] = values[k % len(values)]
     x[i, (k + 1) % x.shape[1]] = values[(k + 1) % len(values)]
   return x
+
+
+def finite_mask(x) -> np.ndarray:
+  """Which rows of ``x [n, ...]`` hold only finite values."""
+  return np.all(np.isfinite(np.asarray(x).reshape(np.shape(x)[0], -1)), axis=1)
+
+
+def np_sq_distances(x) -> np.ndarray:
+  """Squared distances in d-space (float64); non-finite rows at +inf from every other row."""
+  x = np.asarray(x, np.float64).reshape(np.shape(x)[0], -1)
+  keep = finite_mask(x)
+  safe = np.where(keep[:, None], x, 0)
+  D = ((safe[:, None, :] - safe[None, :, :]) ** 2).sum(-1)
+  D[~keep, :] = np.inf
+  D[:, ~keep] = np.inf
+  np.fill_diagonal(D, 0)
+  return D

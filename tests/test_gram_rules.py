@@ -18,6 +18,8 @@ import numpy as np
 from flagjax import aggregators
 from flagjax.core import gram as gram_lib
 from tests import helpers
+from tests.helpers import finite_mask
+from tests.helpers import np_sq_distances
 
 # The package re-exports each rule under its module's name, so reach the modules directly.
 cc_lib = importlib.import_module("flagjax.aggregators.centered_clipping")
@@ -27,9 +29,6 @@ monna_lib = importlib.import_module("flagjax.aggregators.monna")
 
 
 # ----------------------------------------------------------------------------- numpy oracles
-
-def finite_mask(x):
-  return np.all(np.isfinite(x.reshape(x.shape[0], -1)), axis=1)
 
 
 def np_weiszfeld(x, max_iters=100, tol=1e-6, nu=1e-8):
@@ -62,18 +61,6 @@ def np_centered_clipping(x, center=None, tau=10.0, num_iters=3):
         step += diff * (min(1.0, tau / dist) if dist > 0 else 1.0)
     v = v + step / n
   return v
-
-
-def np_sq_distances(x):
-  """Squared distances in d-space; non-finite rows at +inf from every other row."""
-  x = np.asarray(x, np.float64)
-  keep = finite_mask(x)
-  safe = np.where(keep[:, None], x, 0)
-  D = ((safe[:, None, :] - safe[None, :, :]) ** 2).sum(-1)
-  D[~keep, :] = np.inf
-  D[:, ~keep] = np.inf
-  np.fill_diagonal(D, 0)
-  return D
 
 
 def np_mda(x, f):

@@ -13,23 +13,11 @@ from jax.sharding import PartitionSpec as P
 from flagjax import aggregators
 from flagjax import preaggregators
 from tests import helpers
+from tests.helpers import finite_mask
+from tests.helpers import np_sq_distances
 
 
 # ----------------------------------------------------------------------------- numpy oracles
-
-def finite_mask(x):
-  return np.all(np.isfinite(x.reshape(x.shape[0], -1)), axis=1)
-
-
-def np_sq_distances(x):
-  x = np.asarray(x, np.float64)
-  keep = finite_mask(x)
-  safe = np.where(keep[:, None], x, 0)
-  D = ((safe[:, None, :] - safe[None, :, :]) ** 2).sum(-1)
-  D[~keep, :] = np.inf
-  D[:, ~keep] = np.inf
-  np.fill_diagonal(D, 0)
-  return D
 
 
 def np_nnm(x, f):
