@@ -58,6 +58,17 @@ def np_linear_grads(params, batch):
   return loss, scale * np.einsum("nmi,nmo->nio", x, residual), scale * residual.sum(1)
 
 
+def run_on_every_backend(tx, n, f, batches, **step_kwargs):
+  """``{backend: (params, opt_state, metrics)}`` after the same steps from zero params."""
+  params0 = zero_params()
+  results = {}
+  for backend in BACKENDS:
+    step = sim.make_train_step(linear_loss, tx, num_workers=n, num_byzantine=f,
+                               backend=backend, **step_kwargs)
+    results[backend] = run_steps(step, params0, tx.init(params0), batches)
+  return results
+
+
 def run_steps(step, params, opt_state, batches, seed=0):
   metrics = None
   for i, batch in enumerate(batches):
@@ -134,12 +145,7 @@ class BackendAgreementTest(chex.TestCase):
     # num_workers: the state has its final shape from init, so each backend compiles once.
     tx = optax.chain(flagjax.aggregate(rule_fn, num_workers=n, **hparams(n, f)),
                      optax.sgd(0.05))
-    params0 = zero_params()
-    results = {}
-    for backend in BACKENDS:
-      step = sim.make_train_step(linear_loss, tx, num_workers=n, num_byzantine=f,
-                                 attack=attack, backend=backend)
-      results[backend] = run_steps(step, params0, tx.init(params0), batches)
+    results = run_on_every_backend(tx, n, f, batches, attack=attack)
     params_vmap, _, metrics_vmap = results["vmap"]
     # The backends differ only in the summation order of K (and of nothing else for the
     # coordinate-wise rules). Flag's IRLS weights 1 / sqrt(sin^2 + eps) amplify that rounding:
@@ -172,12 +178,7 @@ class BackendAgreementTest(chex.TestCase):
     tx = aggregating.process(optax.with_extra_args_support(optax.identity()),
                              flagjax.aggregate(aggregators.trimmed_mean, f=f, num_workers=n),
                              optax.adam(0.05))
-    params0 = zero_params()
-    results = {}
-    for backend in BACKENDS:
-      step = sim.make_train_step(linear_loss, tx, num_workers=n, num_byzantine=f,
-                                 data_attack=noisy_labels, backend=backend)
-      results[backend] = run_steps(step, params0, tx.init(params0), batches)
+    results = run_on_every_backend(tx, n, f, batches, data_attack=noisy_labels)
     for backend in ("pmap", "shard_map"):
       chex.assert_trees_all_close(results[backend][:2], results["vmap"][:2],
                                   rtol=2e-4, atol=2e-5)
