@@ -1,7 +1,10 @@
-r"""The Flag Aggregator computed in d-space, as the authors' released code computes it.
+r"""The Flag Aggregator's objective computed in d-space, structured like the authors' code.
 
-A reference port for benchmarks and tests, written from the math of DESIGN.md ("The Flag
-Aggregator, exactly"): every IRLS step forms the ``d x m`` matrix of weighted term vectors
+A reference port for benchmarks and tests, written from the math in ``docs/design.md`` (the
+Flag Aggregator section). It follows the authors' released code in structure (an SVD of the
+weighted term vectors per step) and equals it at ``lam = 0``; with ``lam > 0`` it is a d-space
+form of *flagjax's* objective (unit pair directions weighted inside the weights), not of the
+released code's pair term: every IRLS step forms the ``d x m`` matrix of weighted term vectors
 (``m = n`` workers, plus the ``n (n - 1) / 2`` pair directions when ``lam > 0``) and takes
 its thin SVD; the top-``r`` left singular vectors are the next ``Y`` (``d x r``). Each step
 therefore costs O(d m^2) and holds ``d x m`` floats: with ``lam > 0`` that is ``d x n^2``

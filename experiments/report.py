@@ -168,3 +168,122 @@ def plot_heatmap(path: str, values: np.ndarray, row_labels: Sequence[str],
   ax.set_title(title, fontsize=10)
   _save_figure(fig, path, dpi)
   plt.close(fig)
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: re-plot and compare saved results.
+
+DESCRIPTION = """\
+Re-plot and compare saved results without retraining. Each RESULTS file is the JSON that
+experiments.train writes (results/<name>.json) or a sweep's results.json. The command prints
+one table (rows: rules; columns: one per file or sweep setting; cells: final test accuracy,
+mean +- std over seeds), writes it as markdown, and plots it as a heatmap. With one train
+file, it also re-plots that file's accuracy curves.
+"""
+
+EPILOG = """\
+examples:
+  python -m experiments.report results/digits-mlp-alie-f6.json
+  python -m experiments.report results/a.json results/b.json --compare --out results/compare
+  python -m experiments.report results/sweep/results.json --compare
+"""
+
+
+def _columns_of(path: str, record) -> list:
+  """``[(column label, {rule: summary or None})]`` of one results file."""
+  stem = os.path.splitext(os.path.basename(path))[0]
+  if isinstance(record, dict) and isinstance(record.get("rules"), dict):  # experiments.train
+    cells = {}
+    for label, result in record["rules"].items():
+      ok = isinstance(result, dict) and result.get("status") == "ok"
+      cells[label] = result.get("final_accuracy") if ok else None
+    return [(record.get("setting") or stem, cells)]
+  if isinstance(record, dict) and isinstance(record.get("rows"), list):  # a sweep's summary
+    columns = []
+    for row in record["rows"]:
+      cells = {}
+      for label, result in row.get("rules", {}).items():
+        ok = isinstance(result, dict) and result.get("status") in ("ok", "partial")
+        cells[label] = result.get("final_accuracy") if ok else None
+      columns.append((f"{stem}: {row.get('setting', '?')}", cells))
+    return columns
+  raise ValueError(f"{path} is neither an experiments.train result nor a sweep's results.json")
+
+
+def compare(paths: Sequence[str]) -> tuple[list[str], list[list[str]], np.ndarray, list, list]:
+  """``(header, rows, values, rule labels, column labels)`` comparing the given files."""
+  columns = []
+  for path in paths:
+    columns.extend(_columns_of(path, read_json(path)))
+  rules = []
+  for _, cells in columns:
+    rules.extend(label for label in cells if label not in rules)
+  values = np.full((len(rules), len(columns)), np.nan)
+  rows = []
+  for r, rule in enumerate(rules):
+    row = [rule]
+    for c, (_, cells) in enumerate(columns):
+      summary = cells.get(rule)
+      row.append(format_accuracy(summary) if summary else "n/a")
+      if summary:
+        values[r, c] = summary["mean"]
+    rows.append(row)
+  header = ["rule"] + [label for label, _ in columns]
+  return header, rows, values, rules, [label for label, _ in columns]
+
+
+def build_parser():
+  import argparse
+  parser = argparse.ArgumentParser(
+      prog="python -m experiments.report", description=DESCRIPTION, epilog=EPILOG,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("results", nargs="+", metavar="RESULTS",
+                      help="JSON files written by experiments.train or experiments.sweep")
+  parser.add_argument("--compare", action="store_true",
+                      help="write the comparison table (markdown) and heatmap to --out")
+  parser.add_argument("--out", default=os.path.join("results", "compare"), metavar="DIR",
+                      help="output folder for --compare (default: results/compare)")
+  return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  import sys
+  args = build_parser().parse_args(argv)
+  try:
+    header, rows, values, rules, columns = compare(args.results)
+  except (OSError, ValueError) as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+  print(text_table(header, rows))
+  written = []
+  if len(args.results) == 1:
+    record = read_json(args.results[0])
+    if isinstance(record, dict) and isinstance(record.get("rules"), dict):
+      curves = {label: (r["runs"][0]["steps"],
+                        np.array([run["test_accuracy"] for run in r["runs"]]))
+                for label, r in record["rules"].items() if r.get("status") == "ok"}
+      png = os.path.splitext(args.results[0])[0] + ".png"
+      try:
+        plot_curves(png, curves, title=record.get("setting", ""), chance=0.1)
+        written.append(png)
+      except OSError as error:
+        print(f"error: cannot write {png}: {error.strerror or error}", file=sys.stderr)
+        return 1
+  if args.compare:
+    try:
+      table = os.path.join(args.out, "compare.md")
+      atomic_write_text(table, markdown_table(header, rows) + "\n\nFrom: "
+                        + ", ".join(f"`{p}`" for p in args.results) + "\n")
+      png = os.path.join(args.out, "compare.png")
+      plot_heatmap(png, values, rules, columns, title="final test accuracy")
+      written += [table, png]
+    except OSError as error:
+      print(f"error: cannot write the comparison: {error.strerror or error}", file=sys.stderr)
+      return 1
+  if written:
+    print("wrote " + ", ".join(written))
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())

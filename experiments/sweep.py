@@ -70,8 +70,26 @@ def _cells_dir(out_dir: str) -> str:
   return os.path.join(out_dir, "cells")
 
 
-def load_done(out_dir: str) -> dict:
-  """``{key: cell record}`` of the finished cells in ``out_dir`` (unreadable files skipped)."""
+def is_cell_record(record, key: str) -> bool:
+  """Whether ``record`` (parsed JSON of ``cells/<key>.json``) is a finished cell's result."""
+  if not isinstance(record, dict) or record.get("key") != key:
+    return False
+  if record.get("status") == "n/a":
+    return isinstance(record.get("reason"), str)
+  accuracy = record.get("final_accuracy")
+  return (record.get("status") == "ok" and isinstance(accuracy, (int, float))
+          and not isinstance(accuracy, bool) and isinstance(record.get("seed"), int))
+
+
+def load_done(out_dir: str, warn=None) -> dict:
+  """``{key: cell record}`` of the finished cells in ``out_dir``.
+
+  A file that does not parse as a finished cell (truncated, not JSON, JSON of another shape,
+  or another cell's record) is left out, so its cell is recomputed, with a warning naming the
+  file through ``warn`` (stderr by default).
+  """
+  if warn is None:
+    warn = lambda line: print(line, file=sys.stderr, flush=True)
   done = {}
   folder = _cells_dir(out_dir)
   if not os.path.isdir(folder):
@@ -79,11 +97,19 @@ def load_done(out_dir: str) -> dict:
   for name in sorted(os.listdir(folder)):
     if not name.endswith(".json") or name.startswith("."):
       continue
+    path = os.path.join(folder, name)
+    key = name[:-len(".json")]
     try:
-      record = report.read_json(os.path.join(folder, name))
-    except (OSError, ValueError):
-      continue  # cannot happen with atomic writes; a hand-edited file is redone
-    done[record["key"]] = record
+      record = report.read_json(path)
+    except (OSError, ValueError) as error:
+      warn(f"warning: {path} is not a readable cell result ({type(error).__name__}); "
+           f"its cell will be recomputed")
+      continue
+    if not is_cell_record(record, key):
+      warn(f"warning: {path} does not hold a finished cell result; its cell will be "
+           f"recomputed")
+      continue
+    done[key] = record
   return done
 
 
@@ -242,11 +268,11 @@ def build_parser() -> argparse.ArgumentParser:
   g = parser.add_argument_group("grid")
   g.add_argument("--attacks", nargs="+", metavar="SPEC",
                  help="attacks, one setting each (times --num-byzantine); default: --attack")
-  g.add_argument("--fresh", action="store_true",
-                 help="delete the finished cells in --out and recompute everything (e.g. after "
-                      "changing the code); by default a sweep resumes")
-  # --num-byzantine takes several values here.
+  # --num-byzantine takes several values here; --fresh means the sweep's cells.
   for action in parser._actions:
+    if "--fresh" in action.option_strings:
+      action.help = ("delete the finished cells in --out and recompute everything (e.g. after "
+                     "changing the code); by default a sweep resumes")
     if "--num-byzantine" in action.option_strings:
       action.nargs = "+"
       action.help = "numbers of Byzantine workers, one setting each (default: 6)"
@@ -313,6 +339,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except (UsageError, train.data_lib.DataError, presets_lib.PresetError) as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
+  except OSError as error:
+    # An unwritable or full output folder: one line, not a traceback.
+    where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+    print(f"error: cannot write the results{where}: {error.strerror or error}",
+          file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import os
 import re
@@ -212,6 +213,7 @@ class RuleRunner(NamedTuple):
   """A compiled training loop for one rule in one setting: ``run(seed, on_progress)``."""
   label: str
   run: Callable
+  text: str = ""  # the rule spec it was built from
 
 
 def build_runner(config: Config, prepared: Prepared, rule_text: str) -> RuleRunner:
@@ -280,7 +282,9 @@ def build_runner(config: Config, prepared: Prepared, rule_text: str) -> RuleRunn
                                 width=len(prepared.dataset.train_labels))
     shards = data_lib.WorkerShards(jnp.asarray(shards.indices), jnp.asarray(shards.sizes))
     key = jax.random.key(seed)
-    steps, accuracy, losses, weights = [0], [float(prepared.accuracy(params))], [], []
+    # Entry k of every list belongs to steps[k]; the loss and weight at step 0 (no chunk run
+    # yet) are None, so every list has one entry per evaluation.
+    steps, accuracy, losses, weights = [0], [float(prepared.accuracy(params))], [None], [None]
     done = 0
     steady_seconds, steady_steps = 0.0, 0  # after the first chunk (which compiles)
     while done < config.steps:
@@ -302,23 +306,52 @@ def build_runner(config: Config, prepared: Prepared, rule_text: str) -> RuleRunn
     seconds = time.perf_counter() - start
     per_step = steady_seconds / steady_steps if steady_steps else None
     return {"seed": seed, "steps": steps, "test_accuracy": accuracy, "honest_loss": losses,
-            "byzantine_weight": [None if math.isnan(w) else w for w in weights],
+            "byzantine_weight": [None if w is None or math.isnan(w) else w for w in weights],
             "final_accuracy": accuracy[-1], "seconds": seconds,
             "seconds_per_step": per_step,
             "diverged": bool(not np.isfinite(losses[-1]))}
 
-  return RuleRunner(rule.label, run)
+  return RuleRunner(rule.label, run, rule_text)
 
 
 def progress_bar(total: int, enabled: bool, unit: str = "step"):
+  """A tqdm bar on stderr, shown only when stderr is a terminal (a log file or CI stays clean:
+  the per-cell / per-run lines say the progress there)."""
   from tqdm import tqdm
-  return tqdm(total=total, disable=not enabled or total == 0, unit=unit, dynamic_ncols=True,
-              file=sys.stderr, leave=False)
+  interactive = hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+  return tqdm(total=total, disable=not (enabled and interactive) or total == 0, unit=unit,
+              dynamic_ncols=True, file=sys.stderr, leave=False)
+
+
+def run_key(config: Config, rule_text: str, seed: int) -> str:
+  """A stable name for one (rule, seed) run of ``config``: a hash of what determines it."""
+  import hashlib
+  import flagjax
+  text = json.dumps({"config": config.replace(rules=(rule_text,), seeds=(seed,)).results_key(),
+                     "flagjax": flagjax.__version__}, sort_keys=True)
+  return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def _load_run(cache_dir: Optional[str], key: str) -> Optional[dict]:
+  """A finished run saved under ``cache_dir`` (None if absent or not a finished run)."""
+  if cache_dir is None:
+    return None
+  try:
+    run = report.read_json(os.path.join(cache_dir, f"{key}.json"))
+  except (OSError, ValueError):
+    return None
+  if isinstance(run, dict) and isinstance(run.get("final_accuracy"), (int, float)):
+    return run
+  return None
 
 
 def run_comparison(config: Config, *, progress: bool = True,
-                   log: Callable[[str], None] = print) -> dict:
-  """Trains every rule of ``config`` for every seed; returns the results (JSON-ready)."""
+                   log: Callable[[str], None] = print, cache_dir: Optional[str] = None) -> dict:
+  """Trains every rule of ``config`` for every seed; returns the results (JSON-ready).
+
+  With ``cache_dir``, every finished (rule, seed) run is written there atomically as
+  ``<run_key>.json`` and read back instead of recomputed, so a killed run resumes.
+  """
   validate(config)
   request_cpu_devices(config)
   prepared = prepare(config)
@@ -344,7 +377,16 @@ def run_comparison(config: Config, *, progress: bool = True,
         def on_progress(length, acc, label=runner.label, seed=seed):
           bar.update(length)
           bar.set_postfix_str(f"{label} seed={seed} acc={acc:.3f}")
-        runs.append(runner.run(seed, on_progress))
+        key = run_key(config, runner.text, seed)
+        run = _load_run(cache_dir, key)
+        if run is not None:
+          log(f"{runner.label} seed={seed}: reused {os.path.join(cache_dir, key + '.json')}")
+          bar.update(config.steps)
+        else:
+          run = runner.run(seed, on_progress)
+          if cache_dir is not None:
+            report.atomic_write_json(os.path.join(cache_dir, f"{key}.json"), run)
+        runs.append(run)
       final = [r["final_accuracy"] for r in runs]
       results[runner.label] = {"status": "ok", "final_accuracy": report.summarize(final),
                                "runs": runs}
@@ -391,13 +433,41 @@ def write_outputs(out_dir: str, name: str, config: Config, rules: dict, command:
   return json_path, png_path
 
 
+def _cpu_model() -> str:
+  import platform
+  try:
+    with open("/proc/cpuinfo") as info:
+      for line in info:
+        if line.lower().startswith(("model name", "hardware", "cpu model")):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
+def _git_commit() -> Optional[str]:
+  import subprocess
+  try:
+    out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                         timeout=10, cwd=os.path.dirname(os.path.abspath(__file__)))
+  except (OSError, subprocess.SubprocessError):
+    return None
+  return out.stdout.strip() or None if out.returncode == 0 else None
+
+
 def _versions() -> dict:
+  """What a reader needs to judge a result from another machine: float rounding differs
+  across CPUs, and a chaotic training run amplifies it (figures vary within the spreads)."""
+  import platform
   import jax
+  import jaxlib
   import optax
   import flax
   import flagjax
-  return {"flagjax": flagjax.__version__, "jax": jax.__version__, "optax": optax.__version__,
-          "flax": flax.__version__, "backend": jax.default_backend()}
+  return {"flagjax": flagjax.__version__, "jax": jax.__version__,
+          "jaxlib": jaxlib.__version__, "optax": optax.__version__, "flax": flax.__version__,
+          "backend": jax.default_backend(), "cpu": _cpu_model(), "machine": platform.machine(),
+          "python": platform.python_version(), "git_commit": _git_commit()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -529,7 +599,11 @@ def build_parser() -> argparse.ArgumentParser:
   g = parser.add_argument_group("output")
   g.add_argument("--out", metavar="DIR", help="output folder (default: results)")
   g.add_argument("--name", help="file name stem (default: derived from the setting)")
-  g.add_argument("--no-progress", action="store_true", help="no progress bar")
+  g.add_argument("--no-progress", action="store_true",
+                 help="no progress bar (it is shown only when stderr is a terminal anyway)")
+  g.add_argument("--fresh", action="store_true",
+                 help="recompute every run (finished runs are otherwise reused from "
+                      "<out>/<name>.runs/, so a killed or repeated command resumes)")
   return parser
 
 
@@ -563,7 +637,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"setting: {describe_setting(config)}; {config.steps} steps, batch {config.batch_size}"
           f"/worker, {config.optimizer} lr={config.lr:g}, seeds {list(config.seeds)}",
           flush=True)
-    rules = run_comparison(config, progress=not getattr(args, "no_progress", False))
+    cache_dir = os.path.join(out_dir, f"{name}.runs")
+    if getattr(args, "fresh", False) and os.path.isdir(cache_dir):
+      import shutil
+      shutil.rmtree(cache_dir)
+    rules = run_comparison(config, progress=not getattr(args, "no_progress", False),
+                           cache_dir=cache_dir)
     header, rows, notes = results_table(rules)
     print()
     print(report.text_table(header, rows))
@@ -576,6 +655,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   except (UsageError, data_lib.DataError, presets_lib.PresetError) as error:
     print(f"error: {error}", file=sys.stderr)
     return 2
+  except OSError as error:
+    where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+    print(f"error: cannot write the results{where}: {error.strerror or error}",
+          file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

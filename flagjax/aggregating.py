@@ -48,6 +48,16 @@ from flagjax.aggregators.mean import mean as _mean_rule
 from flagjax.core import gram as gram_lib
 from flagjax.core import tree as tree_lib
 
+__all__ = [
+    "AggregateState",
+    "WorkerMomentumState",
+    "aggregate",
+    "check_hyperparameters",
+    "coefficients_function",
+    "preaggregate",
+    "worker_momentum",
+]
+
 PyTree = tree_lib.PyTree
 
 
@@ -96,6 +106,30 @@ def _takes(fn: Callable, name: str) -> bool:
   parameter = _parameters(fn).get(name)
   return parameter is not None and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD,
                                                       parameter.KEYWORD_ONLY)
+
+
+def check_hyperparameters(name: str, fn: Callable, hparams: dict,
+                          reserved: tuple = ("axis_name",)) -> None:
+  """Refuses, when the transform is built, a hyperparameter ``fn`` does not take.
+
+  ``aggregate(krum, ff=1)`` or ``aggregate(flag, f=1)`` would otherwise build without a word
+  and fail (or, for a rule taking ``**kwargs``, be ignored) only at the first update. A given
+  ``f`` is checked for its domain at once too.
+  """
+  parameters = _parameters(fn)
+  if not parameters or any(p.kind == p.VAR_KEYWORD for p in parameters.values()):
+    return
+  accepted = {k for k, p in parameters.items()
+              if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+  accepted -= {next(iter(parameters))}  # the stacked updates themselves
+  unknown = sorted(set(hparams) - accepted)
+  if unknown:
+    options = sorted(accepted - set(reserved))
+    raise ValueError(f"{name} got unknown hyperparameter(s) {', '.join(unknown)}; "
+                     f"{_name(fn)} takes {', '.join(options) if options else 'none'}")
+  if "f" in hparams:
+    from flagjax.core import checks
+    checks.check_num_byzantine(_name(fn), hparams["f"])
 
 
 def _check_sharding(name: str, axis_name, gather, scatter, need_scatter: bool) -> None:
@@ -197,18 +231,19 @@ def _apply_rule(rule: Callable, rows: PyTree, hparams: dict, *, axis_name, key,
   # The rule's own trace-time checks (bounds on n and f, hyperparameters): shapes only.
   jax.eval_shape(lambda r, c: rule(r, **{**kwargs, **({"center": c} if has_center else {})}),
                  _shape_of(rows), _shape_of(center) if has_center else None)
+  centered = gram_lib.wants_centered(coefficients_fn)
   if not has_center:
-    K = gram_lib.gram(rows, axis_name=axis_name)
+    K = gram_lib.gram(rows, axis_name=axis_name, centered=centered)
     coefficients = coefficients_fn(K, **coefficient_kwargs)
     return gram_lib.combine(coefficients, rows), coefficients.astype(jnp.float32)
   # A rule with a centre (centered clipping): the centre is row n of K; its coefficient is
-  # the last one. Without a centre, K is padded with a zero row (no pass over zeros).
+  # the last one. Without a centre, the origin is that row (no pass over zeros).
   if center is None:
-    K = jnp.pad(gram_lib.gram(rows, axis_name=axis_name), ((0, 1), (0, 1)))
+    K = gram_lib.gram(rows, axis_name=axis_name, centered=centered, origin=True)
     coefficients = coefficients_fn(K, **coefficient_kwargs)
     aggregate = gram_lib.combine(coefficients[:n], rows)
   else:
-    K = gram_lib.gram(rows, axis_name=axis_name, extra=center)
+    K = gram_lib.gram(rows, axis_name=axis_name, extra=center, centered=centered)
     coefficients = coefficients_fn(K, **coefficient_kwargs)
     aggregate = gram_lib.combine(coefficients, rows, extra=center)
   return aggregate, coefficients[:n].astype(jnp.float32)
@@ -294,6 +329,7 @@ def aggregate(rule: Callable, *, worker_momentum: Optional[float] = None,
   for reserved in ("axis_name", "gather", "scatter"):
     if reserved in hparams:
       raise ValueError(f"{name} gets {reserved} at update time, not as a hyperparameter")
+  check_hyperparameters(name, rule, hparams)
   has_center = _takes(rule, "center")
   fixed_center = hparams.pop("center", _PREVIOUS) if has_center else _PREVIOUS
   keeps_center = has_center and fixed_center is _PREVIOUS
@@ -366,6 +402,7 @@ def preaggregate(preaggregator: Callable, **hparams) -> optax.GradientTransforma
     ...     flagjax.aggregate(flagjax.aggregators.trimmed_mean, f=1), optax.adam(1e-3))
   """
   name = f"preaggregate({_name(preaggregator)})"
+  check_hyperparameters(name, preaggregator, hparams)
   needs_key = _takes(preaggregator, "key") and "key" not in hparams
 
   def update_fn(updates, state, params=None, *, axis_name=None, key=None, **extra_args):

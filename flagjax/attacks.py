@@ -65,6 +65,31 @@ from flagjax.core import checks
 from flagjax.core import gram as gram_lib
 from flagjax.core import tree as tree_lib
 
+__all__ = [
+    "alie",
+    "alie_default_z",
+    "augment_cat_map",
+    "augment_gaussian",
+    "augment_lotka_volterra",
+    "augmented",
+    "cat_map_source",
+    "gaussian",
+    "inf",
+    "ipm",
+    "label_flip",
+    "lossy",
+    "lossy_link",
+    "lotka_volterra_source",
+    "mimic",
+    "nan",
+    "optimal_alie",
+    "optimal_ipm",
+    "scaled",
+    "search_factor",
+    "sign_flip",
+    "uniform",
+]
+
 PyTree = tree_lib.PyTree
 
 
@@ -159,6 +184,9 @@ def gaussian(honest: PyTree, f: int, key: jax.Array, *, mu: float = 0.0, sigma: 
   """
   del axis_name
   _, f = _check_counts("gaussian", honest, f)
+  checks.check_key("gaussian", key)
+  checks.check_real("gaussian", "mu", mu)
+  checks.check_real("gaussian", "sigma", sigma, minimum=0)
   leaves, treedef = jax.tree.flatten(honest)
   keys = jax.random.split(key, len(leaves))
   rows = [(mu + sigma * jax.random.normal(k, (f,) + leaf.shape[1:],
@@ -191,6 +219,11 @@ def uniform(honest: PyTree, f: int, key: jax.Array, *, minval: float = 0.0,
   """
   del axis_name
   _, f = _check_counts("uniform", honest, f)
+  checks.check_key("uniform", key)
+  checks.check_real("uniform", "minval", minval)
+  checks.check_real("uniform", "maxval", maxval)
+  if all(isinstance(v, (int, float)) for v in (minval, maxval)):
+    checks.require("uniform", minval < maxval, "minval < maxval", minval=minval, maxval=maxval)
   leaves, treedef = jax.tree.flatten(honest)
   keys = jax.random.split(key, len(leaves))
   rows = [jax.random.uniform(k, (f,) + leaf.shape[1:], tree_lib.compute_dtype(leaf.dtype),
@@ -241,6 +274,7 @@ def ipm(honest: PyTree, f: int, key: Optional[jax.Array] = None, *, eps: float =
     Manipulation", UAI 2019.
   """
   del key, axis_name
+  checks.check_real("ipm", "eps", eps)
   return _mean_direction_rows("ipm", honest, f, -eps)
 
 
@@ -260,6 +294,7 @@ def scaled(honest: PyTree, f: int, key: Optional[jax.Array] = None, *,
     ``[f, ...]`` rows in ``honest``'s structure and dtypes.
   """
   del key, axis_name
+  checks.check_real("scaled", "factor", factor)
   return _mean_direction_rows("scaled", honest, f, factor)
 
 
@@ -319,6 +354,8 @@ def alie(honest: PyTree, f: int, key: Optional[jax.Array] = None, *, z=None,
   """
   del key, axis_name
   h, f = _check_counts("alie", honest, f)
+  if z is not None:
+    checks.check_real("alie", "z", z)
   if f == 0:
     return _repeat(jax.tree.map(lambda leaf: leaf[0], honest), 0, honest)
   if z is None:
@@ -349,7 +386,8 @@ def mimic(honest: PyTree, f: int, key: Optional[jax.Array] = None, *, idx: int =
   """
   del key, axis_name
   h, f = _check_counts("mimic", honest, f)
-  checks.require("mimic", isinstance(idx, int) and 0 <= idx < h, "0 <= idx < h", idx=idx, h=h)
+  idx = checks.check_int("mimic", "idx", idx)
+  checks.require("mimic", 0 <= idx < h, "0 <= idx < h", idx=idx, h=h)
   return _repeat(jax.tree.map(lambda leaf: leaf[idx], honest), f, honest)
 
 

@@ -23,6 +23,14 @@ from flagjax.core import checks
 from flagjax.core import gram as gram_lib
 from flagjax.core import tree as tree_lib
 
+__all__ = [
+    "arc",
+    "bucketing",
+    "clip",
+    "nnm",
+    "nnm_coefficients",
+]
+
 
 def nnm_coefficients(K: jax.Array, f: int) -> jax.Array:
   r"""Mixing matrix of NNM: row ``i`` has :math:`1/(n-f)` on the ``n - f`` rows nearest to row i.
@@ -70,8 +78,9 @@ def nnm(x, f: int, *, axis_name=None):
   f = checks.check_num_byzantine("nnm", f)
   n = tree_lib.num_workers("nnm", x)
   checks.require("nnm", n > 2 * f, "n > 2*f", n=n, f=f)
-  K = gram_lib.gram(x, axis_name=axis_name)
-  return gram_lib.combine_many(nnm_coefficients(K, f), x, gram_lib.finite_rows(K))
+  K = gram_lib.gram(x, axis_name=axis_name, centered=True)
+  coefficients = gram_lib.nan_beyond_bound(nnm_coefficients(K, f), K, f)
+  return gram_lib.combine_many(coefficients, x, gram_lib.finite_rows(K))
 
 
 def bucketing(x, s: int, key: jax.Array, *, axis_name=None):
@@ -102,9 +111,8 @@ def bucketing(x, s: int, key: jax.Array, *, axis_name=None):
   """
   del axis_name
   n = tree_lib.num_workers("bucketing", x)
-  if isinstance(s, bool) or not isinstance(s, int):
-    raise ValueError(f"bucketing needs the bucket size s as a static Python int, got {s!r}")
-  checks.require("bucketing", s >= 1, "s >= 1", s=s)
+  s = checks.check_int("bucketing", "s", s, minimum=1)
+  checks.check_key("bucketing", key)
   num_buckets = math.ceil(n / s)
   padded = num_buckets * s
   order = jnp.concatenate([jax.random.permutation(key, n),
@@ -123,7 +131,7 @@ def bucketing(x, s: int, key: jax.Array, *, axis_name=None):
       # One gathered row per bucket; where(), so a padded slot (weight 0) adds exactly 0.
       rows = leaf[order[:, t]].astype(dtype)
       total = total + jnp.where(w[:, t][expand] != 0, w[:, t][expand] * rows, 0)
-    return total.astype(leaf.dtype)
+    return total.astype(tree_lib.output_dtype(leaf.dtype))
   return jax.tree.map(leaf_fn, x)
 
 
@@ -132,13 +140,16 @@ def _scale_rows(x, scale: jax.Array):
   def leaf_fn(leaf):
     dtype = tree_lib.compute_dtype(leaf.dtype)
     s = scale.astype(dtype).reshape((-1,) + (1,) * (leaf.ndim - 1))
-    return (leaf.astype(dtype) * s).astype(leaf.dtype)
+    return (leaf.astype(dtype) * s).astype(tree_lib.output_dtype(leaf.dtype))
   return jax.tree.map(leaf_fn, x)
 
 
-def _clip_scale(sq_norms: jax.Array, threshold: jax.Array) -> jax.Array:
-  """``min(1, threshold / |x_i|)``, 1 for non-finite rows (they pass through unchanged)."""
-  row_norms = jnp.sqrt(jnp.maximum(sq_norms, 0))
+def _clip_scale(row_norms: jax.Array, threshold: jax.Array) -> jax.Array:
+  """``min(1, threshold / |x_i|)``, 1 for non-finite rows (they pass through unchanged).
+
+  ``row_norms`` from :func:`flagjax.core.gram.row_norms`: finite for every finite row, so
+  a finite row of 1e20 (whose squared norm overflows float32) is clipped like any other.
+  """
   over = jnp.isfinite(row_norms) & (row_norms > threshold)
   return jnp.where(over, threshold / jnp.where(over, row_norms, 1), 1)
 
@@ -159,10 +170,9 @@ def clip(x, c, *, axis_name=None):
     ``[n, ...]`` clipped rows, in ``x``'s structure and dtype.
   """
   tree_lib.num_workers("clip", x)
-  if isinstance(c, (int, float)):
-    checks.require("clip", c >= 0, "c >= 0", c=c)
-  sq = gram_lib.sq_norms(x, axis_name=axis_name)
-  return _scale_rows(x, _clip_scale(sq, jnp.asarray(c, sq.dtype)))
+  checks.check_real("clip", "c", c, minimum=0)
+  norms = gram_lib.row_norms(x, axis_name=axis_name)
+  return _scale_rows(x, _clip_scale(norms, jnp.maximum(jnp.asarray(c, norms.dtype), 0)))
 
 
 def arc(x, f: int, *, axis_name=None):
@@ -193,8 +203,8 @@ def arc(x, f: int, *, axis_name=None):
   n = tree_lib.num_workers("arc", x)
   checks.require("arc", n > 2 * f, "n > 2*f", n=n, f=f)
   k = (2 * f * (n - f)) // n
-  sq = gram_lib.sq_norms(x, axis_name=axis_name)
-  ranked = jnp.where(jnp.isfinite(sq), sq, jnp.inf)
-  # The (k+1)-th largest squared norm; top_k is over n values (tiny).
-  threshold = jnp.sqrt(jnp.maximum(jax.lax.top_k(ranked, k + 1)[0][k], 0))
-  return _scale_rows(x, _clip_scale(sq, threshold))
+  norms = gram_lib.row_norms(x, axis_name=axis_name)
+  ranked = jnp.where(jnp.isfinite(norms), norms, jnp.inf)
+  # The (k+1)-th largest norm; top_k is over n values (tiny).
+  threshold = jax.lax.top_k(ranked, k + 1)[0][k]
+  return _scale_rows(x, _clip_scale(norms, threshold))

@@ -68,6 +68,12 @@ from jax.sharding import PartitionSpec as P
 
 from flagjax.core import checks
 
+__all__ = [
+    "StepKeys",
+    "make_train_step",
+    "split_step_key",
+]
+
 PyTree = Any
 
 BACKENDS = ("vmap", "pmap", "shard_map")

@@ -264,6 +264,41 @@ def test_train_end_to_end(tmp_path, capsys):
     assert run["final_accuracy"] > 0.5  # chance is 0.1
   assert result["config"]["num_workers"] == 5
   assert result["command"].startswith("python -m experiments.train --dataset synthetic")
+  for rule in ("median", "flag"):
+    run = result["rules"][rule]["runs"][0]
+    # One entry per evaluation in every per-step list (None where no chunk ran yet).
+    assert len(run["honest_loss"]) == len(run["steps"]) == len(run["byzantine_weight"])
+    assert run["honest_loss"][0] is None and run["honest_loss"][1] is not None
+  versions = result["versions"]
+  assert versions["cpu"] and versions["jaxlib"] and "git_commit" in versions
+  # Rerunning the same command resumes: every finished run is read back, not recomputed.
+  code = train.main(TINY + ["--rules", "median", "flag", "bulyan", "--attack", "sign_flip",
+                            "--out", str(tmp_path), "--name", "tiny"])
+  assert code == 0
+  assert capsys.readouterr().out.count("reused") == 2
+  again = json.loads((tmp_path / "tiny.json").read_text())
+  assert again["rules"]["flag"]["runs"] == result["rules"]["flag"]["runs"]
+
+
+def test_report_compares_saved_results(tmp_path, capsys):
+  def record(setting, accuracies):
+    return {"setting": setting, "rules": {
+        rule: {"status": "ok", "final_accuracy": report.summarize([acc]),
+               "runs": [{"steps": [0, 10], "test_accuracy": [0.1, acc]}]}
+        for rule, acc in accuracies.items()} | {"krum": {"status": "n/a", "reason": "bound"}}}
+  a, b = tmp_path / "a.json", tmp_path / "b.json"
+  a.write_text(json.dumps(record("A", {"mean": 0.5, "flag": 0.9})))
+  b.write_text(json.dumps(record("B", {"mean": 0.25, "flag": 0.75})))
+  code = report.main([str(a), str(b), "--compare", "--out", str(tmp_path / "cmp")])
+  assert code == 0
+  table = (tmp_path / "cmp" / "compare.md").read_text()
+  assert "| flag | 0.900 | 0.750 |" in table.replace(" ± 0.000", "")
+  assert "n/a" in table and (tmp_path / "cmp" / "compare.png").stat().st_size > 1000
+  with pytest.raises(SystemExit):
+    report.main(["--help"])
+  assert "Re-plot and compare" in capsys.readouterr().out
+  (tmp_path / "bad.json").write_text("[1, 2]")
+  assert report.main([str(tmp_path / "bad.json")]) == 2
 
 
 @pytest.mark.parametrize("options,message", [
@@ -316,3 +351,31 @@ def test_sweep_killed_and_resumed_loses_and_duplicates_nothing(tmp_path, capsys)
   assert table.count("| sign_flip, f = 1 |") == 1 and table.count("| sign_flip, f = 2 |") == 1
   assert "n/a [1]" in table and "[1] n/a: bulyan needs n >= 4*f + 3, got n=5, f=1." in table
   assert (out / "heatmap.png").exists()
+
+
+def test_sweep_recomputes_cell_files_of_the_wrong_shape_with_a_warning(tmp_path):
+  from experiments import sweep
+  cells = tmp_path / "cells"
+  cells.mkdir()
+  good = {"key": "a" * 20, "status": "ok", "final_accuracy": 0.5, "seed": 0}
+  (cells / f"{'a' * 20}.json").write_text(json.dumps(good))
+  (cells / f"{'b' * 20}.json").write_text("{}")
+  (cells / f"{'c' * 20}.json").write_text("[1, 2]")
+  (cells / f"{'d' * 20}.json").write_text('{"key": "dddd", "sta')  # truncated
+  (cells / f"{'e' * 20}.json").write_text(json.dumps({**good, "key": "f" * 20}))
+  warnings = []
+  done = sweep.load_done(str(tmp_path), warn=warnings.append)
+  assert list(done) == ["a" * 20]
+  assert len(warnings) == 4
+  for letter, line in zip("bcde", warnings):
+    assert f"{letter * 20}.json" in line and "recomputed" in line
+
+
+def test_sweep_into_an_unwritable_folder_is_one_line(tmp_path, capsys):
+  from experiments import sweep
+  blocker = tmp_path / "file"
+  blocker.write_text("not a folder")
+  code = sweep.main(TINY + ["--rules", "mean", "--out", str(blocker / "out")])
+  assert code == 1
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and err[0].startswith("error: cannot write the results")

@@ -307,9 +307,12 @@ class FlagTransformsTest(chex.TestCase):
     # One kept row: rank 1, the output ("rank" scale) is that row normalised.
     np.testing.assert_allclose(solve(bad).aggregate, x[0] / np.linalg.norm(x[0]), rtol=1e-5)
     np.testing.assert_allclose(solve(bad, scale="mean").aggregate, x[0], rtol=1e-5)
+    # No finite row: NaN says there is nothing to aggregate; finite zero rows give zero.
     nothing = solve(helpers.poison(x, rows=[0, 1, 2]))
-    np.testing.assert_array_equal(nothing.aggregate, 0)
-    np.testing.assert_array_equal(nothing.coefficients, 0)
+    self.assertTrue(np.all(np.isnan(nothing.aggregate)))
+    self.assertTrue(np.all(np.isnan(nothing.coefficients)))
+    zeros = solve(np.zeros_like(x))
+    np.testing.assert_array_equal(zeros.aggregate, 0)
 
   @parameterized.parameters(("rank", 0.0), ("norm", 2.0))
   def test_coordinate_sharded_matches_unsharded(self, scale, lam):

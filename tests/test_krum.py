@@ -61,10 +61,16 @@ def np_multi_krum_indices(flat, f, m):
 
 
 def np_bulyan_indices(flat, f):
+  """Krum repeatedly; ties in score go to the row nearest the selection, then lowest index."""
   n = flat.shape[0]
+  D, finite = np_sq_distances(flat)
   remainder, chosen = list(range(n)), []
   for _ in range(n - 2 * f):
-    pick = np_krum_order(flat, f, remainder)[0]
+    k = max(len(remainder) - f - 2, 0)
+    scores = {i: sum(sorted(D[i, j] for j in remainder if j != i)[:k]) for i in remainder}
+    best = min((not finite[i], scores[i]) for i in remainder)
+    tied = [i for i in remainder if (not finite[i], scores[i]) == best]
+    pick = min(tied, key=lambda i: (sum(D[i, j] for j in chosen), i))
     remainder.remove(pick)
     chosen.append(pick)
   return sorted(chosen)

@@ -197,7 +197,7 @@ class PreaggregatorsTest(chex.TestCase):
       preaggregators.arc(x, -1)
     with self.assertRaisesRegex(ValueError, r"bucketing needs s >= 1, got s=0"):
       preaggregators.bucketing(x, 0, KEY)
-    with self.assertRaisesRegex(ValueError, "bucketing needs the bucket size s"):
+    with self.assertRaisesRegex(ValueError, "bucketing needs s as a static Python int"):
       preaggregators.bucketing(x, 2.5, KEY)
     with self.assertRaisesRegex(ValueError, r"clip needs c >= 0, got c=-1.0"):
       preaggregators.clip(x, -1.0)

@@ -2,8 +2,10 @@ r"""Centered clipping in Gram space, with the centre as an extra row.
 
 The iterate is kept as coefficients over the ``n`` rows and the centre,
 :math:`v = \sum_{j<n} a_j x_j + a_n v_0`, so every distance :math:`|x_i - v|` comes from the
-``(n + 1) x (n + 1)`` Gram matrix of the rows and the centre. Without a centre (``v_0 = 0``)
-the Gram of the rows is padded with a zero row and column: no extra pass over the input.
+``(n + 1) x (n + 1)`` centred Gram matrix of the rows and the centre (the coefficients sum to
+one, so any centring reference gives the same distances). Without a centre (``v_0 = 0``) the
+origin is that extra row (:func:`flagjax.core.gram.gram` with ``origin=True``): no extra pass
+over the input.
 """
 
 from __future__ import annotations
@@ -11,12 +13,19 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from flagjax.core import checks
 from flagjax.core import gram as gram_lib
 from flagjax.core import tree as tree_lib
+
+__all__ = [
+    "centered_clipping",
+    "centered_clipping_coefficients",
+]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
+@gram_lib.translation_invariant
 def centered_clipping_coefficients(K: jax.Array, *, tau: float = 10.0,
                                    num_iters: int = 3) -> jax.Array:
   r"""Coefficients of centered clipping from the Gram matrix of the rows and the centre.
@@ -68,8 +77,10 @@ def centered_clipping_coefficients(K: jax.Array, *, tau: float = 10.0,
   start = jnp.zeros((num_rows + 1,), K.dtype).at[num_rows].set(1)
   coefficients = jax.lax.fori_loop(0, num_iters, step, start)
   # A non-finite centre would otherwise drop out silently (NaN distances clip nothing, and
-  # its own coefficient reaches exactly 0 after one step), leaving the plain mean.
-  return jnp.where(finite_rows[num_rows], coefficients, jnp.nan)
+  # its own coefficient reaches exactly 0 after one step), leaving the plain mean. With no
+  # finite row at all there is nothing to aggregate: NaN, not the centre.
+  usable = finite_rows[num_rows] & jnp.any(finite_rows[:num_rows])
+  return jnp.where(usable, coefficients, jnp.nan)
 
 
 def centered_clipping(x, center=None, *, tau: float = 10.0, num_iters: int = 3,
@@ -104,10 +115,12 @@ def centered_clipping(x, center=None, *, tau: float = 10.0, num_iters: int = 3,
     ICML 2021.
   """
   n = tree_lib.num_workers("centered_clipping", x)
+  checks.check_real("centered_clipping", "tau", tau, minimum=0)
+  checks.check_int("centered_clipping", "num_iters", num_iters)
   coefficients_fn = lambda K: centered_clipping_coefficients(K, tau=tau, num_iters=num_iters)
   if center is None:
-    # v_0 = 0: pad K with a zero row/column instead of a pass over a zero centre.
-    K = jnp.pad(gram_lib.gram(x, axis_name=axis_name), ((0, 1), (0, 1)))
+    # v_0 = 0: the origin as the extra row of the centred Gram (no pass over a zero centre).
+    K = gram_lib.gram(x, axis_name=axis_name, centered=True, origin=True)
     return gram_lib.combine(coefficients_fn(K)[:n], x)
-  K = gram_lib.gram(x, axis_name=axis_name, extra=center)
+  K = gram_lib.gram(x, axis_name=axis_name, extra=center, centered=True)
   return gram_lib.combine(coefficients_fn(K), x, extra=center)

@@ -6,7 +6,11 @@ coordinates, so with ``axis_name`` set (a coordinate shard inside ``shard_map``)
 the shard of the unsharded answer as is.
 
 NaN is sorted as ``+inf``: with at most ``f`` non-finite workers, the values a rule averages
-(the middle positions) are finite.
+(the middle positions) are finite. Each coordinate is its own problem: where the averaged
+positions of a coordinate reach a non-finite value (more non-finite values there than the rule
+tolerates, or every worker non-finite), the output is NaN at that coordinate, never ``inf``.
+Means are taken as sums of ``v / m`` clamped to the averaged values' range, so they neither
+overflow nor leave that range by rounding.
 """
 
 from __future__ import annotations
@@ -17,18 +21,21 @@ from flagjax.core import checks
 from flagjax.core import sorting
 from flagjax.core import tree as tree_lib
 
+__all__ = [
+    "meamed",
+    "median",
+    "phocas",
+    "trimmed_mean",
+]
+
 
 def _per_leaf(fn, x):
-  """Applies ``fn(rows) -> value`` to each leaf's worker rows in compute dtype."""
+  """Applies ``fn(rows) -> value`` to each leaf's worker rows in compute dtype (non-finite
+  results become NaN)."""
   def leaf_fn(leaf):
     rows = [tree_lib.to_compute(r) for r in tree_lib.rows(leaf)]
-    return fn(rows).astype(leaf.dtype)
+    return sorting.nan_if_nonfinite(fn(rows)).astype(tree_lib.output_dtype(leaf.dtype))
   return jax.tree.map(leaf_fn, x)
-
-
-def _mean_of(values):
-  """Elementwise mean of a list of equally shaped arrays (an unrolled, fusible sum)."""
-  return sum(values[1:], values[0]) / len(values)
 
 
 def median(x, *, axis_name=None):
@@ -75,7 +82,8 @@ def trimmed_mean(x, f: int, *, axis_name=None):
   n = tree_lib.num_workers("trimmed_mean", x)
   checks.require("trimmed_mean", n > 2 * f, "n > 2*f", n=n, f=f)
   positions = range(f, n - f)
-  return _per_leaf(lambda rows: _mean_of(sorting.order_statistics(rows, positions)), x)
+  return _per_leaf(
+      lambda rows: sorting.mean_of_sorted(sorting.order_statistics(rows, positions)), x)
 
 
 def meamed(x, f: int, *, axis_name=None):
@@ -87,7 +95,8 @@ def meamed(x, f: int, *, axis_name=None):
   where :math:`\mathrm{med}_k` is the coordinate-wise median (even ``n``: the mean of the two
   middle values). Needs ``n > 2f``: then the median and the chosen values are those of honest
   workers or lie between them, and NaN/Inf values (at most ``f``) are never averaged. Ties in
-  distance are broken towards the lower sorted value.
+  distance are broken towards the lower value; repeated values count once per copy (only as
+  many copies of a far value as are among the ``n - f`` nearest).
 
   Args:
     x: stacked worker updates ``[n, ...]`` or a pytree of them.
@@ -142,5 +151,5 @@ def phocas(x, f: int, *, axis_name=None):
 
   def fn(rows):
     ordered = sorting.order_statistics(rows)
-    return sorting.mean_closest_to(ordered, _mean_of(ordered[f:n - f]), n - f)
+    return sorting.mean_closest_to(ordered, sorting.mean_of_sorted(ordered[f:n - f]), n - f)
   return _per_leaf(fn, x)

@@ -47,7 +47,7 @@ shifted far below the spectrum so they are never among the top ``r``, and the co
 
 Precision: the ``n x n`` work runs in the dtype of ``K`` (float32 for float32/bfloat16 input,
 float64 for float64 input), whatever ``jax_enable_x64`` says, so a result never depends on a
-global flag; the float32 thresholds of DESIGN.md apply to float32. The sines are sums of
+global flag; the float32 thresholds (docs/design.md) apply to float32. The sines are sums of
 squares of residual coordinates, not ``1 - |Y^T u|^2``: the weights ``1/sqrt(sin^2 + eps)``
 are largest where the fit is nearly exact, and there ``1 - |Y^T u|^2`` would be off by about
 the float32 epsilon ~ ``eps`` (this alone moved float32 results ~1e-4 off the float64 ones;
@@ -64,7 +64,6 @@ References:
 
 from __future__ import annotations
 
-import numbers
 import operator
 from typing import NamedTuple, Optional
 
@@ -75,10 +74,20 @@ from flagjax.core import checks
 from flagjax.core import gram as gram_lib
 from flagjax.core import tree as tree_lib
 
+__all__ = [
+    "FlagGramSolution",
+    "FlagResult",
+    "default_rank",
+    "flag",
+    "flag_coefficients",
+    "flag_solve",
+    "flag_solve_gram",
+]
+
 SCALES = ("rank", "mean", "norm")
 
 # Relative eigenvalue threshold of the normalised Gram and the least pair distance kept
-# (DESIGN.md), by the dtype of the n x n work.
+# (docs/design.md), by the dtype of the n x n work.
 _RANK_RTOL = {"float64": 1e-10, "float32": 1e-5}
 _PAIR_MIN_DISTANCE = {"float64": 1e-6, "float32": 1e-3}
 
@@ -160,14 +169,10 @@ def _check_hparams(n: int, rank, lam, max_iters, tol, eps, scale) -> int:
     checks.require("flag", rank >= 1, "rank >= 1", rank=rank)
   checks.require("flag", scale in SCALES, f"scale in {SCALES}", scale=repr(scale))
   # Hyperparameters may be traced (e.g. swept under vmap); check the ones given concretely.
-  if isinstance(lam, numbers.Real):
-    checks.require("flag", lam >= 0, "lam >= 0", lam=lam)
-  if isinstance(max_iters, numbers.Integral):
-    checks.require("flag", max_iters >= 0, "max_iters >= 0", max_iters=max_iters)
-  if isinstance(tol, numbers.Real):
-    checks.require("flag", tol >= 0, "tol >= 0", tol=tol)
-  if isinstance(eps, numbers.Real):
-    checks.require("flag", eps > 0, "eps > 0", eps=eps)
+  checks.check_real("flag", "lam", lam, minimum=0)
+  checks.check_int("flag", "max_iters", max_iters, static=False)
+  checks.check_real("flag", "tol", tol, minimum=0)
+  checks.check_real("flag", "eps", eps, minimum=0, open_minimum=True)
   return min(rank, n)
 
 
@@ -332,8 +337,11 @@ def flag_solve_gram(K: jax.Array, *, rank: Optional[int] = None, lam=0.0, max_it
   num_columns = _check_hparams(n, rank, lam, max_iters, tol, eps, scale)
   problem = _problem(K, num_columns, lam)
   state = _irls(problem, max_iters, tol, eps)
+  coefficients = _output_coefficients(problem, state.basis, num_columns, scale)
+  # No finite row at all: nothing to aggregate, and NaN says so (all-zero finite rows give 0).
+  coefficients = jnp.where(jnp.any(gram_lib.finite_rows(K)), coefficients, jnp.nan)
   return FlagGramSolution(
-      coefficients=_output_coefficients(problem, state.basis, num_columns, scale),
+      coefficients=coefficients,
       values=state.fit.values, objective=state.objective, num_iters=state.num_iters)
 
 

@@ -17,8 +17,14 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from flagjax.core import checks
 from flagjax.core import gram as gram_lib
 from flagjax.core import tree as tree_lib
+
+__all__ = [
+    "geometric_median",
+    "geometric_median_coefficients",
+]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -30,26 +36,46 @@ class _WeiszfeldState(NamedTuple):
   converged: jax.Array     # bool scalar
 
 
+def _masked_median(values: jax.Array, mask: jax.Array) -> jax.Array:
+  """Median of ``values`` where ``mask`` (n scalars; the lower middle for even counts)."""
+  count = jnp.sum(mask)
+  ordered = jnp.sort(jnp.where(mask, values, jnp.inf))
+  return ordered[jnp.maximum(count - 1, 0) // 2]
+
+
+@gram_lib.translation_invariant
 def geometric_median_coefficients(K: jax.Array, *, max_iters: int = 100, tol: float = 1e-6,
                                   nu: float = 1e-8) -> jax.Array:
-  r"""Coefficients of the smoothed Weiszfeld geometric median from the Gram matrix.
+  r"""Coefficients of the geometric median (Weiszfeld with Vardi-Zhang's step) from the Gram.
 
-  Starting from the mean of the finite rows (:math:`c^{(0)}_i = 1/k` on the ``k`` finite
-  rows), each step sets
+  Start: the medoid, the finite row of least :math:`\sum_j |x_i - x_j|` (the objective
+  restricted to the rows). Not the mean: far Byzantine rows move the mean arbitrarily far,
+  and from there a capped Weiszfeld run does not come back (rows ``0, 1, 2, 3`` and three
+  of ``1e15``: 242 after 100 steps from the mean; 3, the answer, from the medoid).
 
-  .. math:: w_i = \frac{1}{\max(|x_i - z|, \nu)}, \qquad c'_i = \frac{w_i}{\sum_j w_j},
+  Each step, with :math:`d_i = |x_i - z|` and the rows that coincide with ``z`` (``d_i``
+  within the Gram's rounding, ``C``, :math:`\eta = |C|`) set apart,
 
-  with :math:`w_i = 0` for non-finite rows. It stops after ``max_iters`` steps, or as soon as
-  the relative change of ``z`` is below ``tol``: :math:`|z' - z| \le tol\,|z'|`.
+  .. math:: w_i = \frac{1}{\max(d_i, \nu)}\ (i \notin C), \quad
+            T = \frac{\sum_{i \notin C} w_i x_i}{\sum_{i \notin C} w_i}, \quad
+            \rho = \Big(\sum_{i \notin C} w_i\Big) |T - z|, \quad
+            z' = \big(1 - \min(1, \tfrac{\eta}{\rho})\big) T
+                 + \min(1, \tfrac{\eta}{\rho})\, z,
+
+  which is plain (smoothed) Weiszfeld away from the rows and, at a row, moves only if that
+  row is not the minimum (Vardi and Zhang 2000): no ``1/0`` (``nu = 0`` on duplicated rows
+  is finite), no sticking at a row that is not the answer. Non-finite rows get weight 0.
+  It stops after ``max_iters`` steps, or once
+  :math:`|z' - z| \le tol \cdot \max(|z' - r|, \mathrm{median}_i\, d_i)`, with ``r``
+  the Gram's centring reference (a scale of the data, not of a common offset).
 
   Args:
-    K: Gram matrix ``[n, n]`` from :func:`flagjax.core.gram.gram` (rows of non-finite
-      workers are non-finite).
-    max_iters: the most Weiszfeld steps (static or traced int); 0 returns the mean of the
-      finite rows.
+    K: Gram matrix ``[n, n]``, centred (:func:`flagjax.core.gram.gram` with
+      ``centered=True``; the plain Gram gives the same point, with less precision when the
+      rows share a large component). Rows of non-finite workers are non-finite.
+    max_iters: the most steps (static or traced int); 0 returns the medoid.
     tol: relative-change tolerance.
-    nu: smoothing: distances below ``nu`` count as ``nu`` (no division by zero when ``z``
-      lands on a row).
+    nu: smoothing: distances below ``nu`` count as ``nu`` (absolute, in the units of ``x``).
 
   Returns:
     Coefficients ``[n]`` (non-negative, summing to one, zero on non-finite rows); NaN when
@@ -57,33 +83,52 @@ def geometric_median_coefficients(K: jax.Array, *, max_iters: int = 100, tol: fl
 
   References:
     Weiszfeld, "Sur le point pour lequel la somme des distances de n points donnés est
-    minimum", Tohoku Math. J. 1937. Pillutla, Kakade, Harchaoui, "Robust Aggregation for
+    minimum", Tohoku Math. J. 1937. Vardi and Zhang, "The multivariate L1-median and
+    associated data depth", PNAS 2000. Pillutla, Kakade, Harchaoui, "Robust Aggregation for
     Federated Learning", IEEE TSP 2022 (smoothed Weiszfeld, RFA).
   """
+  D = gram_lib.sq_distances(K)
   K, finite = gram_lib.clean_gram(K)
   dtype = K.dtype
-  weights_mask = finite.astype(dtype)
-  start = weights_mask / jnp.sum(weights_mask)
   diag = jnp.diagonal(K)
+  weights_mask = finite.astype(dtype)
+  rounding = 256 * jnp.finfo(dtype).eps
+  nu = jnp.asarray(nu, dtype)
 
   def matvec(c):
     return jnp.matmul(K, c, precision=_HIGHEST)
+
+  medoid_scores = jnp.sum(jnp.where(finite[None, :], jnp.sqrt(D), 0), axis=1)
+  medoid = jnp.argmin(jnp.where(finite, medoid_scores, jnp.inf))
+  start = jnp.where(jnp.arange(K.shape[0]) == medoid, 1, 0).astype(dtype)
+  start = jnp.where(jnp.any(finite), start, jnp.nan)
 
   def cond(state):
     return (state.num_iters < max_iters) & ~state.converged
 
   def body(state):
     c, Kc = state.coefficients, state.gram_times_c
-    sq_dist = jnp.maximum(diag - 2 * Kc + jnp.dot(c, Kc, precision=_HIGHEST), 0)
-    w = weights_mask / jnp.maximum(jnp.sqrt(sq_dist), nu)
-    new = w / jnp.sum(w)
+    cKc = jnp.dot(c, Kc, precision=_HIGHEST)
+    sq_dist = jnp.maximum(diag - 2 * Kc + cKc, 0)
+    coincident = finite & (sq_dist <= nu**2 + rounding * (diag + jnp.maximum(cKc, 0)))
+    away = finite & ~coincident
+    w = jnp.where(away, 1 / jnp.maximum(jnp.sqrt(jnp.where(away, sq_dist, 1)), nu), 0)
+    total = jnp.sum(w)
+    target = w / jnp.where(total > 0, total, 1)
+    step = target - c
+    pull = total * jnp.sqrt(jnp.maximum(jnp.dot(step, matvec(step), precision=_HIGHEST), 0))
+    count = jnp.sum(coincident).astype(dtype)
+    stay = jnp.where(count > 0, jnp.minimum(1, count / jnp.where(pull > 0, pull, 1)), 0)
+    stay = jnp.where((count > 0) & (pull <= 0), 1, stay)
+    stay = jnp.where(total > 0, stay, 1)   # every finite row at z: nothing to move towards
+    new = (1 - stay) * target + stay * c
     K_new = matvec(new)
     delta = new - c
     # |z' - z|^2 as delta^T K delta, not from K_new - Kc: that difference cancels badly.
-    sq_change = jnp.dot(delta, matvec(delta), precision=_HIGHEST)
-    sq_norm = jnp.dot(new, K_new, precision=_HIGHEST)   # |z'|^2
-    # Squared form of |z' - z| <= tol |z'| (both sides clamped against rounding).
-    converged = jnp.maximum(sq_change, 0) <= tol**2 * jnp.maximum(sq_norm, 0)
+    sq_change = jnp.maximum(jnp.dot(delta, matvec(delta), precision=_HIGHEST), 0)
+    sq_scale = jnp.maximum(jnp.dot(new, K_new, precision=_HIGHEST),
+                           _masked_median(sq_dist, finite))
+    converged = sq_change <= tol**2 * sq_scale
     return _WeiszfeldState(new, K_new, state.num_iters + 1, converged)
 
   init = _WeiszfeldState(start, matvec(start), jnp.zeros((), jnp.int32), jnp.zeros((), bool))
@@ -94,17 +139,19 @@ def geometric_median(x, *, max_iters: int = 100, tol: float = 1e-6, nu: float = 
                      axis_name=None):
   r"""Geometric median :math:`\arg\min_z \sum_i |x_i - z|` by smoothed Weiszfeld iterations.
 
-  Weiszfeld from the mean with weights :math:`1 / \max(|x_i - z|, \nu)`, stopping when the
+  Weiszfeld from the medoid (the best row by the objective) with weights
+  :math:`1 / \max(|x_i - z|, \nu)` and Vardi-Zhang's step at a row, stopping when the
   relative change of ``z`` is below ``tol`` (see :func:`geometric_median_coefficients`).
-  Computed in Gram space: one pass for ``K``, ``n x n`` iterations, one pass for the output.
+  Computed in Gram space: one pass for the centred ``K``, ``n x n`` iterations, one pass for
+  the output.
 
   The geometric median has breakdown point 1/2 and takes no ``f``. Rows holding NaN/Inf get
   weight 0, so the result stays finite whenever at least one row is finite (it is robust
   while fewer than half the rows are Byzantine); it is NaN when no row is finite.
 
-  Numerics: distances from ``K`` cancel when the rows share a component much larger than
-  their spread (relative error ~ eps |x|^2 / |x_i - z|^2); float32 is fine for gradients,
-  pass float64 rows for tight tolerances on offset data.
+  Numerics: distances come from the centred Gram (rows taken relative to a robust reference
+  in the same pass), so rows sharing a component much larger than their spread keep their
+  distances in float32.
 
   Args:
     x: stacked worker updates ``[n, ...]`` or a pytree of them.
@@ -122,6 +169,9 @@ def geometric_median(x, *, max_iters: int = 100, tol: float = 1e-6, nu: float = 
     Federated Learning", IEEE TSP 2022.
   """
   tree_lib.num_workers("geometric_median", x)
+  checks.check_int("geometric_median", "max_iters", max_iters, static=False)
+  checks.check_real("geometric_median", "tol", tol, minimum=0)
+  checks.check_real("geometric_median", "nu", nu, minimum=0)
   return gram_lib.combine_by_gram(
       x, lambda K: geometric_median_coefficients(K, max_iters=max_iters, tol=tol, nu=nu),
-      axis_name=axis_name)
+      axis_name=axis_name, centered=True)

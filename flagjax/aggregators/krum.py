@@ -10,7 +10,11 @@ like :func:`flagjax.aggregators.meamed`.
 A non-finite worker is at ``+inf`` distance from every other one, so it never counts among a
 finite worker's nearest neighbours while at most ``f`` workers are non-finite; it is also
 ranked after every finite worker whatever its score (this matters only when a score has no
-neighbours to sum, as in Bulyan's last picks at small ``f``).
+neighbours to sum, as in Bulyan's last picks at small ``f``). More than ``f`` non-finite
+workers break the bound: the output is then NaN.
+
+Distances come from the centred Gram (:func:`flagjax.core.gram.gram` with ``centered=True``),
+so rows sharing a large common component keep their distances in float32.
 """
 
 from __future__ import annotations
@@ -26,6 +30,16 @@ from flagjax.core import checks
 from flagjax.core import gram as gram_lib
 from flagjax.core import sorting
 from flagjax.core import tree as tree_lib
+
+__all__ = [
+    "bulyan",
+    "bulyan_selection",
+    "krum",
+    "krum_coefficients",
+    "krum_scores",
+    "multi_krum",
+    "multi_krum_coefficients",
+]
 
 
 def krum_scores(D: jax.Array, num_neighbours, active_mask: Optional[jax.Array] = None
@@ -96,6 +110,7 @@ def _multi_krum_mask(K: jax.Array, f: int, m: int) -> jax.Array:
   return _ranks(_selection_key(scores, gram_lib.finite_rows(K))) < m
 
 
+@gram_lib.translation_invariant
 def krum_coefficients(K: jax.Array, f: int) -> jax.Array:
   r"""Krum's coefficients from the Gram matrix: one-hot on the worker of least score.
 
@@ -107,7 +122,7 @@ def krum_coefficients(K: jax.Array, f: int) -> jax.Array:
     f: number of Byzantine workers tolerated (static); needs ``n >= 2f + 3``.
 
   Returns:
-    ``[n]`` coefficients in ``K``'s dtype.
+    ``[n]`` coefficients in ``K``'s dtype (all NaN when more than ``f`` rows are non-finite).
 
   References:
     Blanchard, El Mhamdi, Guerraoui and Stainer, "Machine Learning with Adversaries:
@@ -115,9 +130,10 @@ def krum_coefficients(K: jax.Array, f: int) -> jax.Array:
   """
   n = K.shape[0]
   f = _check_krum_bound("krum", n, f)
-  return _multi_krum_mask(K, f, 1).astype(K.dtype)
+  return gram_lib.nan_beyond_bound(_multi_krum_mask(K, f, 1).astype(K.dtype), K, f)
 
 
+@gram_lib.translation_invariant
 def multi_krum_coefficients(K: jax.Array, f: int, m: Optional[int] = None) -> jax.Array:
   r"""Multi-Krum's coefficients from the Gram matrix: ``1/m`` on the ``m`` least Krum scores.
 
@@ -127,7 +143,8 @@ def multi_krum_coefficients(K: jax.Array, f: int, m: Optional[int] = None) -> ja
     m: how many workers to average (static), ``1 <= m <= n - f``; ``n - f`` when None.
 
   Returns:
-    ``[n]`` coefficients in ``K``'s dtype, summing to one.
+    ``[n]`` coefficients in ``K``'s dtype, summing to one (all NaN when more than ``f`` rows
+    are non-finite).
 
   References:
     Blanchard et al., NeurIPS 2017.
@@ -135,7 +152,7 @@ def multi_krum_coefficients(K: jax.Array, f: int, m: Optional[int] = None) -> ja
   n = K.shape[0]
   f = _check_krum_bound("multi_krum", n, f)
   m = _check_selection_size(n, f, m)
-  return _multi_krum_mask(K, f, m).astype(K.dtype) / m
+  return gram_lib.nan_beyond_bound(_multi_krum_mask(K, f, m).astype(K.dtype) / m, K, f)
 
 
 # Jitted so that eager calls reuse the compiled loop (an eager fori_loop recompiles each call).
@@ -145,7 +162,11 @@ def bulyan_selection(K: jax.Array, f: int) -> jax.Array:
 
   Starting from the remainder ``R`` of all workers, ``theta`` times: score every worker of
   ``R`` by its ``max(|R| - f - 2, 0)`` nearest neighbours within ``R`` (:func:`krum_scores`),
-  move the one of least score (ties: lowest index) out of ``R`` into the selection.
+  move the one of least score out of ``R`` into the selection. Ties in score go to the worker
+  nearest the selection so far (least summed squared distance to it), then to the lowest
+  index. Without that rule the last picks at small ``f`` (zero neighbours: every score 0)
+  would take the lowest index, so a Byzantine row at index 0 was always selected and the
+  result depended on the order of the rows.
 
   Args:
     K: ``[n, n]`` Gram matrix (:func:`flagjax.core.gram.gram`).
@@ -167,7 +188,10 @@ def bulyan_selection(K: jax.Array, f: int) -> jax.Array:
   def pick(t, remaining):
     # |R| = n - t at step t.
     scores = krum_scores(D, jnp.maximum(n - t - f - 2, 0), remaining)
-    chosen = jnp.argmin(_selection_key(scores, finite, remaining))
+    key = _selection_key(scores, finite, remaining)
+    tied = key == jnp.min(key)
+    to_selection = jnp.sum(jnp.where(~remaining[None, :], D, 0), axis=1)
+    chosen = jnp.argmin(jnp.where(tied, to_selection, jnp.inf))
     return remaining.at[chosen].set(False)
 
   remaining = jax.lax.fori_loop(0, n - 2 * f, pick, jnp.ones((n,), bool))
@@ -199,8 +223,10 @@ def krum(x, f: int, *, axis_name=None):
   """
   n = tree_lib.num_workers("krum", x)
   f = _check_krum_bound("krum", n, f)
-  coefficients = krum_coefficients(gram_lib.gram(x, axis_name=axis_name), f)
-  return gram_lib.select(jnp.argmax(coefficients), x)
+  K = gram_lib.gram(x, axis_name=axis_name, centered=True)
+  coefficients = krum_coefficients(K, f)
+  return gram_lib.select(jnp.argmax(coefficients == 1), x,
+                         valid=~gram_lib.too_many_nonfinite(K, f))
 
 
 def multi_krum(x, f: int, m: Optional[int] = None, *, axis_name=None):
@@ -229,7 +255,7 @@ def multi_krum(x, f: int, m: Optional[int] = None, *, axis_name=None):
   f = _check_krum_bound("multi_krum", n, f)
   m = _check_selection_size(n, f, m)
   return gram_lib.combine_by_gram(x, lambda K: multi_krum_coefficients(K, f, m),
-                                  axis_name=axis_name)
+                                  axis_name=axis_name, centered=True)
 
 
 def bulyan(x, f: int, *, axis_name=None):
@@ -265,7 +291,9 @@ def bulyan(x, f: int, *, axis_name=None):
   checks.require("bulyan", n >= 4 * f + 3, "n >= 4*f + 3", n=n, f=f)
   theta = n - 2 * f
   beta = theta - 2 * f
-  selected = bulyan_selection(gram_lib.gram(x, axis_name=axis_name), f)
+  K = gram_lib.gram(x, axis_name=axis_name, centered=True)
+  selected = bulyan_selection(K, f)
+  broken = gram_lib.too_many_nonfinite(K, f)
   # Static count theta: the indices of the selected rows in ascending order.
   (indices,) = jnp.nonzero(selected, size=theta)
 
@@ -274,6 +302,7 @@ def bulyan(x, f: int, *, axis_name=None):
         jax.lax.dynamic_index_in_dim(leaf, indices[s], 0, keepdims=False))
             for s in range(theta)]
     ordered = sorting.order_statistics(rows)
-    return sorting.mean_closest_to(ordered, sorting.median_of_sorted(ordered),
-                                   beta).astype(leaf.dtype)
+    value = sorting.mean_closest_to(ordered, sorting.median_of_sorted(ordered), beta)
+    value = jnp.where(broken, jnp.nan, sorting.nan_if_nonfinite(value))
+    return value.astype(tree_lib.output_dtype(leaf.dtype))
   return jax.tree.map(leaf_fn, x)

@@ -22,6 +22,11 @@ from flagjax.core import checks
 from flagjax.core import gram as gram_lib
 from flagjax.core import tree as tree_lib
 
+__all__ = [
+    "mda",
+    "mda_coefficients",
+]
+
 # The exact search enumerates C(n, f) subsets; beyond this it refuses with a ValueError.
 MAX_SUBSETS = 100_000
 # Elements of the per-chunk temporaries ([batch, max(f n, L)]): bounds memory per step.
@@ -47,6 +52,7 @@ def _removed_sets(n: int, f: int) -> np.ndarray:
   return table[::-1].copy()
 
 
+@gram_lib.translation_invariant
 def mda_coefficients(K: jax.Array, f: int) -> jax.Array:
   r"""Coefficients of MDA: :math:`1/(n-f)` on the ``n - f`` rows of least diameter.
 
@@ -62,7 +68,7 @@ def mda_coefficients(K: jax.Array, f: int) -> jax.Array:
     f: number of Byzantine workers tolerated (static).
 
   Returns:
-    Coefficients ``[n]``.
+    Coefficients ``[n]`` (all NaN when more than ``f`` rows are non-finite).
 
   References:
     El-Mhamdi, Guerraoui, Rouault, "Distributed Momentum for Byzantine-resilient Stochastic
@@ -96,7 +102,7 @@ def mda_coefficients(K: jax.Array, f: int) -> jax.Array:
   batch = max(1, min(num_subsets, _CHUNK_ELEMENTS // max(f * n, num_top)))
   diameters = jax.lax.map(diameter, removed_sets, batch_size=batch)
   best = kept_mask(removed_sets[jnp.argmin(diameters)])
-  return best.astype(dtype) / (n - f)
+  return gram_lib.nan_beyond_bound(best.astype(dtype) / (n - f), K, f)
 
 
 def mda(x, f: int, *, axis_name=None):
@@ -128,4 +134,5 @@ def mda(x, f: int, *, axis_name=None):
   """
   f = checks.check_num_byzantine("mda", f)
   _check(tree_lib.num_workers("mda", x), f)
-  return gram_lib.combine_by_gram(x, lambda K: mda_coefficients(K, f), axis_name=axis_name)
+  return gram_lib.combine_by_gram(x, lambda K: mda_coefficients(K, f), axis_name=axis_name,
+                                  centered=True)

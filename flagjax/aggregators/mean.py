@@ -7,6 +7,10 @@ import jax.numpy as jnp
 from flagjax.core import gram as gram_lib
 from flagjax.core import tree as tree_lib
 
+__all__ = [
+    "mean",
+]
+
 
 def mean(x, *, axis_name=None):
   r"""Coordinate-wise mean :math:`\frac{1}{n} \sum_i x_i` (the non-robust baseline).

@@ -11,6 +11,11 @@ from flagjax.core import checks
 from flagjax.core import gram as gram_lib
 from flagjax.core import tree as tree_lib
 
+__all__ = [
+    "monna",
+    "monna_coefficients",
+]
+
 
 def _check(n: int, f: int, idx) -> int:
   checks.require("monna", n > 2 * f, "n > 2*f", n=n, f=f)
@@ -22,6 +27,7 @@ def _check(n: int, f: int, idx) -> int:
   return idx
 
 
+@gram_lib.translation_invariant
 def monna_coefficients(K: jax.Array, f: int, idx: int = 0) -> jax.Array:
   r"""Coefficients of MoNNA: :math:`1/(n-f)` on the ``n - f`` rows nearest to the reference.
 
@@ -37,7 +43,7 @@ def monna_coefficients(K: jax.Array, f: int, idx: int = 0) -> jax.Array:
     idx: the reference row (static, ``0 <= idx < n``).
 
   Returns:
-    Coefficients ``[n]``.
+    Coefficients ``[n]`` (all NaN when more than ``f`` rows are non-finite).
 
   References:
     Allouah et al., "Fixing by Mixing: A Recipe for Optimal Byzantine ML under
@@ -52,7 +58,7 @@ def monna_coefficients(K: jax.Array, f: int, idx: int = 0) -> jax.Array:
   D = gram_lib.sq_distances(K)[reference]
   D = jnp.where(jnp.arange(n) == reference, -1, D)
   chosen = gram_lib.nearest_mask(D[None, :], n - f)[0]
-  return chosen.astype(K.dtype) / (n - f)
+  return gram_lib.nan_beyond_bound(chosen.astype(K.dtype) / (n - f), K, f)
 
 
 def monna(x, f: int, idx: int = 0, *, axis_name=None):
@@ -82,4 +88,4 @@ def monna(x, f: int, idx: int = 0, *, axis_name=None):
   f = checks.check_num_byzantine("monna", f)
   idx = _check(tree_lib.num_workers("monna", x), f, idx)
   return gram_lib.combine_by_gram(x, lambda K: monna_coefficients(K, f, idx),
-                                  axis_name=axis_name)
+                                  axis_name=axis_name, centered=True)

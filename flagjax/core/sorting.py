@@ -21,6 +21,18 @@ from typing import Iterable, Sequence
 import jax
 import jax.numpy as jnp
 
+__all__ = [
+    "batcher_comparators",
+    "mean_closest_to",
+    "mean_of",
+    "mean_of_sorted",
+    "median_of_sorted",
+    "median_positions",
+    "nan_if_nonfinite",
+    "order_statistics",
+    "pruned_comparators",
+]
+
 
 @functools.lru_cache(maxsize=None)
 def batcher_comparators(n: int) -> tuple[tuple[int, int], ...]:
@@ -88,12 +100,41 @@ def order_statistics(rows: Sequence[jax.Array],
   return [values[p] for p in positions]
 
 
+def mean_of(values: Sequence[jax.Array]) -> jax.Array:
+  """Elementwise mean of equally shaped arrays, without overflow, inside their range.
+
+  An unrolled, fusible sum of ``v / m`` (not ``sum(v) / m``: the sum of finite values near
+  the float maximum overflows), clamped to ``[min, max]`` of the values when they are given
+  in sorted order by the caller (see :func:`mean_of_sorted`).
+  """
+  m = len(values)
+  inverse = 1.0 / m
+  total = values[0] * inverse
+  for value in values[1:]:
+    total = total + value * inverse
+  return total
+
+
+def mean_of_sorted(sorted_values: Sequence[jax.Array]) -> jax.Array:
+  """:func:`mean_of` of values in ascending order, clamped to ``[first, last]``.
+
+  Rounding of ``sum(v / m)`` can step just outside the values' range (all values equal,
+  ``m = 3``); the clamp makes "inside the range of the averaged values" exact.
+  """
+  return jnp.clip(mean_of(sorted_values), sorted_values[0], sorted_values[-1])
+
+
 def median_of_sorted(sorted_values: Sequence[jax.Array]) -> jax.Array:
-  """Median of values already in sorted order (even count: mean of the two middle ones)."""
+  """Median of values already in sorted order (even count: mean of the two middle ones).
+
+  The two middle values are halved before adding (exact in binary floating point, short of
+  subnormals), so two finite values near the float maximum never overflow to ``inf``.
+  """
   n = len(sorted_values)
   if n % 2:
     return sorted_values[n // 2]
-  return 0.5 * (sorted_values[n // 2 - 1] + sorted_values[n // 2])
+  low, high = sorted_values[n // 2 - 1], sorted_values[n // 2]
+  return jnp.clip(0.5 * low + 0.5 * high, low, high)
 
 
 def median_positions(n: int) -> tuple[int, ...]:
@@ -101,14 +142,36 @@ def median_positions(n: int) -> tuple[int, ...]:
   return (n // 2,) if n % 2 else (n // 2 - 1, n // 2)
 
 
+def nan_if_nonfinite(value: jax.Array) -> jax.Array:
+  """``value`` with every non-finite entry replaced by NaN.
+
+  A coordinate-wise rule whose averaged positions reach a non-finite value (more of them at
+  that coordinate than the rule tolerates, or every worker non-finite) says so with NaN, the
+  one value no consumer mistakes for an aggregate (``+inf`` from the NaN-as-``+inf``
+  ordering would look like a huge finite step to some).
+  """
+  return jnp.where(jnp.isfinite(value), value, jnp.nan)
+
+
 def mean_closest_to(sorted_values: Sequence[jax.Array], center: jax.Array,
                     size: int) -> jax.Array:
   r"""Per coordinate, the mean of the ``size`` values closest to ``center``.
 
-  The ``size`` values nearest to a point form a contiguous window of the sorted values, the
-  window ``[j, j + size)`` whose farthest member is nearest: the smallest
-  :math:`\max(c - s_j, s_{j+size-1} - c)` (ties: lowest j). The sum is taken with selects,
-  not prefix differences, so ``+inf`` values outside the chosen window never reach it.
+  The ``size`` values nearest to a point form a contiguous window ``[j, j + size)`` of the
+  sorted values. Sliding the window one step right swaps :math:`s_j` out for
+  :math:`s_{j+size}`, which is a strict improvement exactly when :math:`s_{j+size}` is
+  nearer: :math:`s_j + s_{j+size} < 2c` (with :math:`s_j < s_{j+size}`; when they are equal
+  the two windows hold the same values). The left-hand side grows with ``j``, so the best
+  start is the number of ``j`` for which it holds:
+
+  .. math:: j^\star = \#\{\, j < m - size : 	frac12 s_j + 	frac12 s_{j+size} < c \,\}.
+
+  Ties in distance (equally near on both sides) go to the lower values. This counts *values*,
+  not distinct positions: with a repeated far value (identical Byzantine rows), only as many
+  copies are kept as are among the nearest, never every copy at the expense of values
+  strictly nearer the centre. Halving before adding avoids overflow; ``-inf`` is passed, and
+  ``+inf`` (and NaN, mapped to it by the network) never is, as long as enough finite values
+  exist. The sum is taken with selects, so values outside the window never reach it.
 
   Args:
     sorted_values: ``m`` arrays, per coordinate in ascending order.
@@ -116,23 +179,24 @@ def mean_closest_to(sorted_values: Sequence[jax.Array], center: jax.Array,
     size: how many values to average, ``1 <= size <= m``.
 
   Returns:
-    The per-coordinate mean of the chosen window.
+    The per-coordinate mean of the chosen window, inside the window's range.
   """
   m = len(sorted_values)
   if not 1 <= size <= m:
     raise ValueError(f"mean_closest_to needs 1 <= size <= {m}, got size={size}")
-  best_start = jnp.zeros(center.shape, jnp.int32)
-  best_cost = None
-  for j in range(m - size + 1):
-    cost = jnp.maximum(center - sorted_values[j], sorted_values[j + size - 1] - center)
-    if best_cost is None:
-      best_cost = cost
-    else:
-      better = cost < best_cost
-      best_cost = jnp.where(better, cost, best_cost)
-      best_start = jnp.where(better, j, best_start)
+  start = jnp.zeros(center.shape, jnp.int32)
+  for j in range(m - size):
+    nearer = 0.5 * sorted_values[j] + 0.5 * sorted_values[j + size] < center
+    start = start + nearer.astype(jnp.int32)
+  inverse = 1.0 / size
   total = jnp.zeros(center.shape, center.dtype)
+  low = sorted_values[0]
+  high = sorted_values[0]
   for k, value in enumerate(sorted_values):
-    inside = (best_start <= k) & (k < best_start + size)
-    total = total + jnp.where(inside, value, 0)
-  return total / size
+    if k < m - size + 1:
+      low = jnp.where(start == k, value, low)
+    if k >= size - 1:
+      high = jnp.where(start + size - 1 == k, value, high)
+    inside = (start <= k) & (k < start + size)
+    total = total + jnp.where(inside, value * inverse, 0)
+  return jnp.clip(total, low, high)

@@ -3,7 +3,14 @@
 Worker updates arrive stacked on a leading axis: an array ``[n, ...]`` or a pytree whose
 leaves all share the leading ``n``. Rules compute in float32 for half-precision inputs
 (bfloat16, float16) and in the input's own precision for float32 / float64, and return each
-leaf in its input dtype.
+leaf in its input dtype. Integer (and bool) updates are computed in float32 and returned in
+float32, like ``jnp.mean``: truncating an aggregate back to integers would be a silent wrong
+answer. Complex updates are refused (a ``ValueError``): the rules' geometry is real.
+
+A top-level Python ``list`` of equally shaped 1-D arrays is refused with a ``ValueError``
+that says to stack them: users coming from ByzFL pass a list of worker vectors, which JAX
+would read as a pytree of ``d``-row leaves and aggregate silently wrong. A pytree of stacked
+leaves goes as a tuple or a dict (or a list of leaves of different shapes).
 """
 
 from __future__ import annotations
@@ -13,14 +20,52 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+__all__ = [
+    "check_dtypes",
+    "check_not_worker_list",
+    "compute_dtype",
+    "num_workers",
+    "output_dtype",
+    "result_dtype",
+    "rows",
+    "to_compute",
+    "to_output",
+]
+
 PyTree = Any
 
 
+def check_not_worker_list(rule: str, x: PyTree) -> None:
+  """Refuses a Python list of equally shaped 1-D arrays (one per worker): see the module doc."""
+  if (type(x) is list and len(x) >= 2  # pylint: disable=unidiomatic-typecheck
+      and all(hasattr(item, "shape") and jnp.ndim(item) == 1 for item in x)
+      and len({jnp.shape(item) for item in x}) == 1):
+    raise ValueError(
+        f"{rule} got a Python list of {len(x)} vectors of shape {jnp.shape(x[0])}; flagjax "
+        f"reads a list as a pytree of stacked leaves, not as workers: stack them "
+        f"(jnp.stack(updates)), or pass a tuple if you meant a pytree")
+
+
+def check_dtypes(rule: str, x: PyTree) -> None:
+  """Refuses complex (and other non-real) leaves with a ``ValueError`` naming the rule."""
+  for leaf in jax.tree.leaves(x):
+    dtype = jnp.result_type(leaf)
+    if not (jnp.issubdtype(dtype, jnp.floating) or jnp.issubdtype(dtype, jnp.integer)
+            or dtype == jnp.bool_):
+      raise ValueError(f"{rule} needs real (floating-point or integer) updates, got {dtype}")
+
+
 def num_workers(rule: str, x: PyTree) -> int:
-  """The static number of workers ``n``: the shared leading dimension of every leaf."""
+  """The static number of workers ``n``: the shared leading dimension of every leaf.
+
+  Also the entry check of every rule: refuses a list of worker vectors
+  (:func:`check_not_worker_list`) and complex updates (:func:`check_dtypes`).
+  """
+  check_not_worker_list(rule, x)
   leaves = jax.tree.leaves(x)
   if not leaves:
     raise ValueError(f"{rule} needs at least one array of stacked worker updates, got {x!r}")
+  check_dtypes(rule, x)
   sizes = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None for leaf in leaves}
   if None in sizes:
     raise ValueError(f"{rule} needs every leaf stacked on a leading worker axis, "
@@ -42,6 +87,15 @@ def compute_dtype(dtype) -> jnp.dtype:
   return jnp.dtype(jnp.float32)
 
 
+def output_dtype(dtype) -> jnp.dtype:
+  """The dtype a rule returns for inputs of ``dtype``: the input's own for floating point,
+  float32 for integers and bool (never truncated back)."""
+  dtype = jnp.dtype(dtype)
+  if jnp.issubdtype(dtype, jnp.floating):
+    return dtype
+  return jnp.dtype(jnp.float32)
+
+
 def result_dtype(x: PyTree) -> jnp.dtype:
   """The widest compute dtype over the leaves: the dtype of n x n quantities (K, c)."""
   return jnp.result_type(*[compute_dtype(leaf.dtype) for leaf in jax.tree.leaves(x)])
@@ -50,6 +104,11 @@ def result_dtype(x: PyTree) -> jnp.dtype:
 def rows(leaf: jax.Array) -> list[jax.Array]:
   """The n worker rows of one leaf as a Python list (static slices; XLA fuses them)."""
   return [leaf[i] for i in range(leaf.shape[0])]
+
+
+def to_output(value: jax.Array, like_dtype) -> jax.Array:
+  """Casts a computed value to the output dtype for inputs of ``like_dtype``."""
+  return value.astype(output_dtype(like_dtype))
 
 
 def to_compute(value: jax.Array) -> jax.Array:
