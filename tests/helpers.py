@@ -55,3 +55,12 @@ def np_sq_distances(x) -> np.ndarray:
   D[:, ~keep] = np.inf
   np.fill_diagonal(D, 0)
   return D
+
+
+def tied_rows(seed: int, n: int, d: int, dtype=np.float32) -> np.ndarray:
+  """Rows with repeated values: a grid of 1/2, every third row a copy of row 0, and a
+  constant first column (the ties that the mimic attack and duplicated workers make)."""
+  x = np.round(np.random.default_rng(seed).normal(size=(n, d)) * 2) / 2
+  x[1::3] = x[0]
+  x[:, 0] = 0.5
+  return x.astype(dtype)

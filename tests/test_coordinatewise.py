@@ -92,7 +92,8 @@ class CoordinatewiseTest(chex.TestCase):
                   data=st.data())
 def test_property_permutation_invariance_and_range(n, d, seed, data):
   f = data.draw(st.integers(0, (n - 1) // 2))
-  x = helpers.random_rows(seed, n, d)
+  tied = data.draw(st.booleans())
+  x = (helpers.tied_rows if tied else helpers.random_rows)(seed, n, d)
   perm = np.random.default_rng(seed + 1).permutation(n)
   tm = aggregators.trimmed_mean(x, f)
   np.testing.assert_allclose(tm, np_trimmed_mean(x, f), rtol=1e-5, atol=1e-5)
