@@ -7,7 +7,8 @@ For every ``n`` (workers) and ``d`` (coordinates) of the grid, one random float3
   tolerated unless the rule's bound needs fewer (Bulyan: ``f = (n - 3) // 4``);
 * the same rule in ByzFL (the EPFL library, PyTorch on the CPU), where ByzFL has it;
 * the Flag Aggregator in d-space (``experiments.flag_dspace``: an SVD of the ``d x n`` term
-  matrix per IRLS step, as the authors' released code computes it), for the ``flag`` rows;
+  matrix per IRLS step, structured like the authors' released code; with ``lam > 0`` it is a
+  d-space form of flagjax's objective, not of the released pair term), for the ``flag`` rows;
 * the one-pass bound ``ones @ x`` (in JAX, and ``torch.ones(n) @ x`` for ByzFL's side).
 
 Timings are robust to a busy machine: every JAX function is compiled ahead of time (ByzFL

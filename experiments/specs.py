@@ -21,7 +21,10 @@ import jax.numpy as jnp
 import flagjax
 
 RULES = ("mean", "median", "trimmed_mean", "meamed", "phocas", "krum", "multi_krum",
-         "bulyan", "geometric_median", "centered_clipping", "mda", "monna", "flag")
+         "bulyan", "geometric_median", "centered_clipping", "mda", "monna", "flag",
+         "flag_released")
+# Rules that live in experiments/ (reference ports), not in flagjax.aggregators.
+_EXPERIMENT_RULES = {"flag_released": ("experiments.flag_released", "flag_released")}
 # The comparison of the paper's study (and of the issue): the default of --rules.
 DEFAULT_RULES = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan",
                  "geometric_median", "centered_clipping", "flag")
@@ -95,6 +98,10 @@ def rule_function(spec: Spec) -> Callable:
   if spec.name not in RULES:
     raise UsageError(f"unknown rule {spec.name!r}{_closest(spec.name, RULES)}: choose from "
                      f"{', '.join(RULES)}")
+  if spec.name in _EXPERIMENT_RULES:
+    import importlib
+    module, name = _EXPERIMENT_RULES[spec.name]
+    return getattr(importlib.import_module(module), name)
   return getattr(flagjax.aggregators, spec.name)
 
 

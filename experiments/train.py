@@ -489,6 +489,8 @@ rules (--rules, with optional hyperparameters as name:key=value,key=value):
   mean  median  trimmed_mean  meamed  phocas  krum  multi_krum[:m=]  bulyan
   geometric_median[:max_iters=,tol=,nu=]  centered_clipping[:tau=,num_iters=]
   mda  monna[:idx=]  flag[:rank=,lam=,max_iters=,tol=,eps=,scale=rank|mean|norm]
+  flag_released[:rank=,lam=,seed=]  (the authors' released code: one IRLS step from a seeded
+  random start; experiments/flag_released.py lists how it deviates from the paper)
   Rules that take f get --assumed-byzantine (default: --num-byzantine). A rule whose bound on
   f is broken (e.g. bulyan needs n >= 4f + 3) is reported as n/a in a comparison; alone, it
   is an error.

@@ -1,4 +1,4 @@
-"""The Flag Aggregator against a d-space numpy oracle written from DESIGN.md, and invariants."""
+"""The Flag Aggregator against a d-space numpy oracle written from docs/design.md, and invariants."""
 
 import functools
 import importlib
@@ -10,6 +10,7 @@ import jax
 import jax.extend
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import parameterized
 
 from experiments.flag_dspace import flag_dspace
@@ -31,7 +32,12 @@ solve = jax.jit(aggregators.flag_solve, static_argnames=("rank", "scale"))
 
 
 def np_flag(x, rank=None, lam=0.0, max_iters=20, tol=1e-6, eps=1e-7, scale="rank"):
-  """DESIGN.md's Flag Aggregator in d-space (float64): scatter matrices and ``eigh``.
+  """The Flag Aggregator in d-space (float64): scatter matrices and ``eigh``.
+
+  Pairs: ``|u_i - u_j| > 1e-6`` whose difference the retained eigen-directions of the
+  normalised Gram (eigenvalues above 1e-10 x the largest) hold to at least 99%; the pair
+  direction is that resolved part, normalised (``(u_i - u_j) / |u_i - u_j|`` when nothing is
+  dropped).
 
   Returns ``(aggregate, coefficients, values, objective, num_iters)``; the coefficients are
   the minimum-norm ones on the u_i (unique whenever the kept u_i are independent), divided by
@@ -45,13 +51,22 @@ def np_flag(x, rank=None, lam=0.0, max_iters=20, tol=1e-6, eps=1e-7, scale="rank
   kept = finite & (norms > 0)
   units = flat[kept] / norms[kept, None]  # [k, d]
   k = len(units)
-  gram_eigvals = np.linalg.eigvalsh(units @ units.T)
-  numerical_rank = int(np.sum(gram_eigvals > 1e-10 * gram_eigvals.max()))
+  gram_eigvals, gram_eigvecs = np.linalg.eigh(units @ units.T)
+  retained = gram_eigvals > 1e-10 * gram_eigvals.max()
+  numerical_rank = int(np.sum(retained))
   r = min(n // 2 + 1 if rank is None else rank, numerical_rank)
-  pairs = [(i, j) for i in range(k) for j in range(i + 1, k)
-           if np.linalg.norm(units[i] - units[j]) > 1e-6]
-  directions = np.array([(units[i] - units[j]) / np.linalg.norm(units[i] - units[j])
-                         for i, j in pairs]).reshape(len(pairs), flat.shape[1])
+  # The retained span in d-space, orthonormal: V = U^T Q g^{-1/2}.
+  span = units.T @ gram_eigvecs[:, retained] / np.sqrt(gram_eigvals[retained])
+  pairs, directions = [], []
+  for i in range(k):
+    for j in range(i + 1, k):
+      difference = units[i] - units[j]
+      resolved = span @ (span.T @ difference)
+      if (np.linalg.norm(difference) > 1e-6
+          and resolved @ resolved >= 0.99 * (difference @ difference)):
+        pairs.append((i, j))
+        directions.append(resolved / np.linalg.norm(resolved))
+  directions = np.array(directions).reshape(len(pairs), flat.shape[1])
   num_pairs = len(pairs)
 
   def top(weights, pair_weights):
@@ -390,3 +405,49 @@ def test_property_byzantine_rows_do_not_turn_the_aggregate(n, seed, data, attack
     out, mean = flag_and_mean(x, lam, scale)
     assert cosine(out) > 0.2, (scale, cosine(out))
     assert cosine(out) > cosine(mean), (scale, cosine(out), cosine(mean))
+
+
+def near_duplicate_case(gap, seed=0, n=10, d=40, rank_of_rows=None):
+  """Rows in general position except ``u_9``, ``gap`` away from ``u_0`` (float64)."""
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, d))
+  u0 = x[0] / np.linalg.norm(x[0])
+  step = rng.normal(size=d)
+  step -= (step @ u0) * u0
+  x[n - 1] = 1.7 * (u0 + gap * step / np.linalg.norm(step))
+  return x
+
+
+@pytest.mark.parametrize("gap", [3e-6, 3e-5, 1e-4, 1e-3, 0.0])
+@pytest.mark.parametrize("lam", [0.0, 8.0])
+def test_near_duplicate_rows_match_the_dspace_oracle(gap, lam):
+  x = near_duplicate_case(gap)
+  with jax.enable_x64(True):
+    result = solve(jnp.asarray(x), rank=3, lam=lam, max_iters=30, tol=0.0)
+  expected = np_flag(x, rank=3, lam=lam, max_iters=30, tol=0.0)
+  scale = np.linalg.norm(expected[0])
+  np.testing.assert_allclose(np.asarray(result.aggregate), expected[0], atol=1e-8 * scale)
+  np.testing.assert_allclose(float(result.objective), expected[3], rtol=1e-8, atol=1e-9)
+
+
+@pytest.mark.parametrize("dtype,tolerance", [(np.float32, 1e-6), (np.float64, 1e-12)])
+@pytest.mark.parametrize("lam", [0.0, 8.0])
+def test_objective_is_zero_when_the_subspace_fits_exactly(dtype, tolerance, lam):
+  rng = np.random.default_rng(3)
+  x = np.zeros((8, 10))
+  x[:, :3] = rng.integers(-3, 4, size=(8, 3))
+  x[np.abs(x).sum(1) == 0, 0] = 1
+  with jax.enable_x64(dtype == np.float64):
+    result = solve(jnp.asarray(x, dtype), rank=3, lam=lam)
+  assert float(result.objective) <= tolerance
+  np.testing.assert_allclose(np.asarray(result.values), 1, atol=10 * tolerance)
+
+
+def test_objective_has_no_noise_floor_for_a_close_pair_with_n_above_d():
+  # n = 8 rows in d = 3, one pair 1e-4 apart, lam = 8 (float64): the rank-3 subspace is
+  # the whole space, so A is 0.
+  x = np.random.default_rng(4).normal(size=(8, 3))
+  x[7] = x[2] + 1e-4 * np.array([1.0, -2.0, 0.5])
+  with jax.enable_x64(True):
+    result = solve(jnp.asarray(x), rank=3, lam=8.0)
+  assert float(result.objective) <= 1e-12

@@ -43,7 +43,23 @@ Rank deficiency (duplicated rows, positive multiples, ``n > d``): eigenvalues of
 the relative threshold (1e-10 in float64, 1e-5 otherwise) are dropped, ``r`` is capped at the
 number kept. Shapes stay static: ``H``'s dropped rows and columns are exactly zero and are
 shifted far below the spectrum so they are never among the top ``r``, and the columns of
-``z`` beyond the numerical rank are zeroed (they span nothing).
+``z`` beyond the numerical rank are zeroed (they span nothing). The sines and the objective
+read the retained directions only: the dropped ones are rounding, so inputs the subspace fits
+exactly report ``A = 0`` (to ~1e-7 in float32), not a floor of ~1e-3.
+
+Near-duplicate rows. A pair enters the model through ``R (e_i - e_j)``, its difference in the
+retained directions; ``H`` cannot see the part of ``u_i - u_j`` that lies in dropped ones.
+Two rows ``delta`` apart (and nothing else along their difference) span an eigen-direction of
+``G`` with eigenvalue about ``delta^2 / 2``, dropped once ``delta^2 / 2 < rtol * g_max``: with
+``g_max <= k`` that is ``delta`` below ~5e-5 (float64, k = 15) or ~0.02 (float32). Such a pair
+was kept by the distance threshold alone while its direction was invisible to ``H``: its sine
+then measured a direction the IRLS could not fit (2.3e-3 relative error in the aggregate at
+``delta = 3e-6``, float64). So the rule for pairs is the consistent one: a pair is kept when
+``delta`` is above the absolute threshold (below) *and* the retained directions hold at least
+99% of ``delta^2``; its direction is the resolved part normalised,
+``d_ij = V R (e_i - e_j) / |R (e_i - e_j)|``, identical to ``(u_i - u_j) / delta`` whenever
+nothing is dropped. The rule is data-dependent (not a fixed ``delta``): a pair whose
+difference is shared by other rows stays resolvable much closer.
 
 Precision: the ``n x n`` work runs in the dtype of ``K`` (float32 for float32/bfloat16 input,
 float64 for float64 input), whatever ``jax_enable_x64`` says, so a result never depends on a
@@ -52,9 +68,9 @@ squares of residual coordinates, not ``1 - |Y^T u|^2``: the weights ``1/sqrt(sin
 are largest where the fit is nearly exact, and there ``1 - |Y^T u|^2`` would be off by about
 the float32 epsilon ~ ``eps`` (this alone moved float32 results ~1e-4 off the float64 ones;
 now ~1e-5 in the IRLS transients, ~1e-6 once converged, the float32 eigensolvers' backward
-error). Pair directions come from ``delta_ij^2 = 2 - 2 G_ij``, which carries an absolute error
-of about the machine epsilon, the reason pairs closer than 1e-3 (float32) / 1e-6 (float64) are
-left out.
+error). The pair distance ``delta_ij^2 = 2 - 2 G_ij`` carries an absolute error of about the
+machine epsilon, the reason pairs closer than 1e-3 (float32) / 1e-6 (float64) are left out
+whatever the resolution test says.
 
 References:
   Almasi et al., "Flag Aggregator: Scalable Distributed Training under Failures and Augmented
@@ -90,6 +106,9 @@ SCALES = ("rank", "mean", "norm")
 # (docs/design.md), by the dtype of the n x n work.
 _RANK_RTOL = {"float64": 1e-10, "float32": 1e-5}
 _PAIR_MIN_DISTANCE = {"float64": 1e-6, "float32": 1e-3}
+# A pair is kept only if the retained eigen-directions resolve at least this share of
+# |u_i - u_j|^2 (module docstring, "Near-duplicate rows").
+_PAIR_MIN_RESOLVED = 0.99
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -127,13 +146,13 @@ class _Problem(NamedTuple):
   kept: jax.Array  # [n] bool: finite, non-zero rows
   row_norms: jax.Array  # [n] |x_i| (0 where not kept)
   coordinates: jax.Array  # [n, n] R = g_+^{1/2} Q^T: column i is u_i in the basis V
-  all_coordinates: jax.Array  # [n, n] max(g, 0)^{1/2} Q^T: R plus the dropped directions
   eigvecs: jax.Array  # [n, n] Q
   inv_sqrt_eigvals: jax.Array  # [n] g_+^{-1/2} (0 where dropped)
   retained: jax.Array  # [n] bool: eigen-directions above the rank threshold
   rank: jax.Array  # [] int32: r capped at the numerical rank
   pairs: jax.Array  # [n, n] bool, i < j: pairs with a direction d_ij
-  pair_sq_distances: jax.Array  # [n, n] delta_ij^2 = |u_i - u_j|^2 (1 where not a pair)
+  pair_sq_distances: jax.Array  # [n, n] |R (e_i - e_j)|^2, the resolved |u_i - u_j|^2 (1 where
+  #                                not a pair)
   pair_scale: jax.Array  # [] lam / P (0 when there are no pairs)
 
 
@@ -193,22 +212,26 @@ def _problem(K: jax.Array, rank: int, lam) -> _Problem:
   largest = jnp.max(eigvals)
   retained = (eigvals > _RANK_RTOL[key] * largest) & (eigvals > 0)
   safe = jnp.where(retained, eigvals, 1)
-  all_coordinates = jnp.sqrt(jnp.maximum(eigvals, 0))[:, None] * eigvecs.T
+  coordinates = jnp.where(retained[:, None],
+                          jnp.sqrt(jnp.maximum(eigvals, 0))[:, None] * eigvecs.T, 0)
   inv_sqrt_eigvals = jnp.where(retained, 1 / jnp.sqrt(safe), 0)
 
   both = kept[:, None] & kept[None, :]
   sq_dist = jnp.maximum(2 - 2 * G, 0)
+  # |R (e_i - e_j)|^2 as a sum of squared differences (no cancellation): the part of
+  # u_i - u_j that the retained directions hold.
+  resolved_sq = jnp.sum(jnp.square(coordinates[:, :, None] - coordinates[:, None, :]), axis=0)
   upper = jnp.triu(jnp.ones((n, n), bool), k=1)
-  pairs = both & upper & (sq_dist > _PAIR_MIN_DISTANCE[key] ** 2)
+  pairs = (both & upper & (sq_dist > _PAIR_MIN_DISTANCE[key] ** 2)
+           & (resolved_sq >= _PAIR_MIN_RESOLVED * sq_dist))
   num_pairs = jnp.sum(pairs)
   pair_scale = jnp.where(num_pairs > 0, jnp.asarray(lam, K.dtype) / jnp.maximum(num_pairs, 1),
                          0)
   return _Problem(
       kept=kept, row_norms=jnp.where(kept, row_norms, 0),
-      coordinates=jnp.where(retained[:, None], all_coordinates, 0),
-      all_coordinates=all_coordinates, eigvecs=eigvecs, inv_sqrt_eigvals=inv_sqrt_eigvals,
+      coordinates=coordinates, eigvecs=eigvecs, inv_sqrt_eigvals=inv_sqrt_eigvals,
       retained=retained, rank=jnp.minimum(rank, jnp.sum(retained)).astype(jnp.int32),
-      pairs=pairs, pair_sq_distances=jnp.where(pairs, sq_dist, 1), pair_scale=pair_scale)
+      pairs=pairs, pair_sq_distances=jnp.where(pairs, resolved_sq, 1), pair_scale=pair_scale)
 
 
 def _subspace_basis(problem: _Problem, weights: jax.Array, pair_weights: jax.Array
@@ -235,13 +258,15 @@ def _subspace_basis(problem: _Problem, weights: jax.Array, pair_weights: jax.Arr
 def _fit(problem: _Problem, basis: jax.Array) -> _Fit:
   """Reconstruction ratios and sines of every term vector for ``Y = V basis[:, :rank]``.
 
-  The sines come from the coordinates along the other eigenvectors (and the dropped
-  directions), not as ``1 - |Y^T u|^2``: a sum of squares keeps its relative precision where
-  the fit is nearly exact, which is exactly where the IRLS weights ``1/sqrt(sin^2 + eps)``
-  are large (in float32, ``1 - |Y^T u|^2`` is off by ~1e-7 ~ eps there).
+  The sines come from the coordinates along the other retained eigenvectors, not as
+  ``1 - |Y^T u|^2``: a sum of squares keeps its relative precision where the fit is nearly
+  exact, which is exactly where the IRLS weights ``1/sqrt(sin^2 + eps)`` are large (in
+  float32, ``1 - |Y^T u|^2`` is off by ~1e-7 ~ eps there). The dropped directions are left
+  out: their coordinates are rounding (square roots of eigenvalues at the noise level), not
+  fit error, and would put a floor of ~1e-3 (float32) under ``A`` of inputs it fits exactly.
   """
   n = basis.shape[0]
-  coords = jnp.matmul(basis.T, problem.all_coordinates, precision=_HI)  # [n, n]
+  coords = jnp.matmul(basis.T, problem.coordinates, precision=_HI)  # [n, n]
   inside = (jnp.arange(n) < problem.rank)[:, None]
   outside = jnp.where(inside, 0, coords)  # (I - Y Y^T) u_i in an orthonormal basis
   values = jnp.sum(jnp.where(inside, coords, 0) ** 2, axis=0)
@@ -377,10 +402,14 @@ def flag_solve(x, *, rank: Optional[int] = None, lam=0.0, max_iters=20, tol=1e-6
   decreasing :math:`A(Y) = \sum_i \sqrt{1 - |Y^\top u_i|^2} + \lambda\,
   \mathrm{mean}_{i<j} \sqrt{1 - |Y^\top d_{ij}|^2}`, until ``max_iters`` updates or a
   relative decrease of ``A`` of at most ``tol`` (``tol=0`` runs exactly ``max_iters``).
-  Pairs: kept ``i < j`` with ``|u_i - u_j|`` above 1e-6 (float64) / 1e-3 (float32),
+  Pairs: kept ``i < j`` with ``|u_i - u_j|`` above 1e-6 (float64) / 1e-3 (float32) whose
+  difference the retained eigen-directions resolve (module docstring, "Near-duplicate rows"),
   :math:`d_{ij} = (u_i - u_j)/|u_i - u_j|`, ``P`` of them. The output, by ``scale``:
 
-  * ``"rank"``: :math:`\frac{1}{r} \sum_i Y Y^\top u_i` (the authors' released code);
+  * ``"rank"``: :math:`\frac{1}{r} \sum_i Y Y^\top u_i` (the authors' released code's form,
+    with ``r`` capped at the numerical rank; the released code divides by the requested ``r``
+    and stops after one IRLS step from a random start: ``experiments/flag_released.py`` is
+    that form, with every deviation from the paper listed);
   * ``"mean"``: :math:`Y Y^\top \frac{1}{k} \sum_i x_i` (the paper's Algorithm 1);
   * ``"norm"``: :math:`\frac{1}{k} \sum_i Y Y^\top u_i \cdot \mathrm{median}_i |x_i|`
     (the mean gradient's scale with bounded influence of any one worker).
