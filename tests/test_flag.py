@@ -28,7 +28,9 @@ SCALES = ("rank", "mean", "norm")
 FIXED_F32 = dict(max_iters=8, tol=0.0)
 
 # Jitted once per input shape (hyperparameters other than rank and scale are traced).
-solve = jax.jit(aggregators.flag_solve, static_argnames=("rank", "scale"))
+# One start (the flag mean), as the oracle; several starts are tested on their own.
+solve = jax.jit(functools.partial(aggregators.flag_solve, num_starts=1),
+                static_argnames=("rank", "scale"))
 
 
 def np_flag(x, rank=None, lam=0.0, max_iters=20, tol=1e-6, eps=1e-7, scale="rank"):
@@ -115,7 +117,8 @@ def np_flag(x, rank=None, lam=0.0, max_iters=20, tol=1e-6, eps=1e-7, scale="rank
 def solve_all_scales(x, lam, max_iters, tol, eps=1e-7, rank=None):
   """One compilation per input shape: hyperparameters traced, the three scales at once."""
   return {scale: aggregators.flag_solve(x, rank=rank, lam=lam, max_iters=max_iters, tol=tol,
-                                        eps=eps, scale=scale) for scale in SCALES}
+                                        eps=eps, scale=scale, num_starts=1)
+          for scale in SCALES}
 
 
 def reference_case(name):
@@ -256,7 +259,8 @@ class FlagTransformsTest(chex.TestCase):
   def test_float32_against_reference(self, lam):
     x = helpers.random_rows(5, 9, 40)
     result = self.variant(
-        functools.partial(aggregators.flag_solve, lam=lam, max_iters=6, tol=0.0))(x)
+        functools.partial(aggregators.flag_solve, lam=lam, max_iters=6, tol=0.0,
+                          num_starts=1))(x)
     chex.assert_shape(result.aggregate, (40,))
     chex.assert_shape([result.coefficients, result.values], (9,))
     self.assertEqual(result.aggregate.dtype, jnp.float32)
@@ -451,3 +455,73 @@ def test_objective_has_no_noise_floor_for_a_close_pair_with_n_above_d():
   with jax.enable_x64(True):
     result = solve(jnp.asarray(x), rank=3, lam=8.0)
   assert float(result.objective) <= 1e-12
+
+
+def np_grassmann_best(x, rank, lam, restarts=30, seed=0):
+  """The least A over restarts of Riemannian gradient descent on Gr(rank, span of the rows),
+  written here in numpy (float64) independently of flagjax: Armijo steps, QR retraction."""
+  units = x / np.linalg.norm(x, axis=1, keepdims=True)
+  basis = np.linalg.svd(units.T, full_matrices=False)[0]
+  a = units @ basis
+  pairs = [(a[i] - a[j]) / np.linalg.norm(a[i] - a[j])
+           for i in range(len(a)) for j in range(i + 1, len(a))]
+  pairs = np.array(pairs) if lam > 0 else np.zeros((0, a.shape[1]))
+
+  def value_and_grad(Z, smooth):
+    total, grad = 0.0, np.zeros_like(Z)
+    for vectors, scale in ((a, 1.0), (pairs, lam / max(len(pairs), 1))):
+      if not len(vectors):
+        continue
+      p = vectors @ Z
+      sines = np.sqrt(np.maximum(1 - np.sum(p * p, 1), 0) + smooth)
+      total += scale * sines.sum()
+      grad -= scale * vectors.T @ (p / sines[:, None])
+    return total, grad - Z @ (Z.T @ grad)
+
+  rng = np.random.default_rng(seed)
+  best = np.inf
+  for _ in range(restarts):
+    Z = np.linalg.qr(rng.normal(size=(a.shape[1], rank)))[0]
+    for smooth in (1e-8, 1e-14):
+      value, grad = value_and_grad(Z, smooth)
+      step = 0.1
+      for _ in range(300):
+        norm2 = np.sum(grad * grad)
+        while step > 1e-12:
+          candidate = np.linalg.qr(Z - step * grad)[0]
+          new, new_grad = value_and_grad(candidate, smooth)
+          if new <= value - 1e-4 * step * norm2:
+            Z, value, grad, step = candidate, new, new_grad, 2 * step
+            break
+          step /= 2
+    best = min(best, value_and_grad(Z, 0.0)[0])
+  return best
+
+
+@pytest.mark.parametrize("seed,d,lam,byzantine", [(0, 20, 0.0, 0), (3, 20, 0.0, 0),
+                                                  (1, 200, 0.0, 3), (2, 200, 8.0, 3)])
+def test_multistart_flag_against_an_independent_grassmannian_search(seed, d, lam, byzantine):
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(15, d))
+  x[15 - byzantine:] = rng.uniform(size=(byzantine, d))
+  best = np_grassmann_best(x, 8, lam, seed=seed)
+  with jax.enable_x64(True):
+    single = aggregators.flag_solve(jnp.asarray(x), rank=8, lam=lam, max_iters=500)
+    several = aggregators.flag_solve(jnp.asarray(x), rank=8, lam=lam, max_iters=500,
+                                     num_starts=8)
+  assert bool(single.converged) and bool(several.converged)
+  assert float(several.objective) <= float(single.objective) + 1e-12
+  # The measured state (module docstring): within 1% of the search's best, not yet 0.05%.
+  assert float(several.objective) <= best * 1.01, (float(several.objective), best)
+
+
+def test_more_starts_never_raise_the_objective_and_one_start_is_the_flag_mean_run():
+  x = np.random.default_rng(5).normal(size=(15, 20)).astype(np.float32)
+  objectives = [float(aggregators.flag_solve(jnp.asarray(x), num_starts=k).objective)
+                for k in (1, 2, 4, 8)]
+  # (float32: the batched start 0 rounds like the single run only to ~1e-6 of A)
+  assert all(b <= a * (1 + 1e-5) for a, b in zip(objectives, objectives[1:])), objectives
+  single = aggregators.flag_solve(jnp.asarray(x), num_starts=1)
+  chex.assert_trees_all_close(single.aggregate, solve(jnp.asarray(x)).aggregate, atol=1e-5)
+  with pytest.raises(ValueError, match="flag needs num_starts >= 1"):
+    aggregators.flag(jnp.asarray(x), num_starts=0)
