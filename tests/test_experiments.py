@@ -379,3 +379,13 @@ def test_sweep_into_an_unwritable_folder_is_one_line(tmp_path, capsys):
   assert code == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and err[0].startswith("error: cannot write the results")
+
+
+def test_progress_bar_stays_off_when_stderr_is_not_a_terminal(monkeypatch):
+  import io
+  monkeypatch.setattr(sys, "stderr", io.StringIO())
+  bar = train.progress_bar(10, True)
+  assert bar.disable
+  bar.update(10)
+  bar.close()
+  assert sys.stderr.getvalue() == ""

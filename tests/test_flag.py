@@ -1,4 +1,4 @@
-"""The Flag Aggregator against a d-space numpy oracle written from docs/design.md, and invariants."""
+"""The Flag Aggregator against a d-space numpy oracle (docs/design.md), and invariants."""
 
 import functools
 import importlib

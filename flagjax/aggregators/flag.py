@@ -409,7 +409,7 @@ def flag_solve_gram(K: jax.Array, *, rank: Optional[int] = None, lam=0.0,
     rank, lam, max_iters, tol, eps, scale: as in :func:`flag_solve`.
 
   Returns:
-    A :class:`FlagGramSolution` ``(coefficients, values, objective, num_iters)``.
+    A :class:`FlagGramSolution` ``(coefficients, values, objective, num_iters, converged)``.
   """
   n = K.shape[0]
   num_columns = _check_hparams(n, rank, lam, max_iters, tol, eps, scale)
@@ -503,7 +503,8 @@ def flag_solve(x, *, rank: Optional[int] = None, lam=0.0, max_iters=DEFAULT_MAX_
       cross-device reduction) and the aggregate is the shard of the unsharded one.
 
   Returns:
-    :class:`FlagResult` ``(aggregate, coefficients, values, objective, num_iters)``.
+    :class:`FlagResult` ``(aggregate, coefficients, values, objective, num_iters,
+    converged)``.
 
   References:
     Almasi et al., "Flag Aggregator: Scalable Distributed Training under Failures and
