@@ -389,3 +389,22 @@ def test_progress_bar_stays_off_when_stderr_is_not_a_terminal(monkeypatch):
   bar.update(10)
   bar.close()
   assert sys.stderr.getvalue() == ""
+
+
+def test_flag_released_is_a_rule_spec(tmp_path):
+  code = train.main(TINY + ["--rules", "flag_released:lam=2.0", "--attack", "sign_flip",
+                            "--out", str(tmp_path), "--name", "released"])
+  assert code == 0
+  result = json.loads((tmp_path / "released.json").read_text())
+  assert result["rules"]["flag_released(lam=2.0)"]["status"] == "ok"
+
+
+def test_flag_convergence_reference_agrees_with_flag_on_a_tiny_case():
+  from experiments import flag_convergence
+  x, rank, lam = flag_convergence.family_problem("n=7, r=2", 0)
+  best = flag_convergence.grassmann_minimum(x, rank, lam, restarts=3, steps=100)
+  result = jax.jit(lambda v: __import__("flagjax").aggregators.flag_solve(
+      v, rank=rank, lam=lam, max_iters=200))(jnp.asarray(x))
+  # Both are minimisers of the same objective: they agree to well within 1%.
+  assert abs(float(result.objective) - best) <= 1e-2 * best
+  assert bool(result.converged)
