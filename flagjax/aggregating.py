@@ -45,6 +45,7 @@ import optax
 from optax.experimental import aggregating
 
 from flagjax.aggregators.mean import mean as _mean_rule
+from flagjax.core import checks
 from flagjax.core import gram as gram_lib
 from flagjax.core import tree as tree_lib
 
@@ -128,7 +129,6 @@ def check_hyperparameters(name: str, fn: Callable, hparams: dict,
     raise ValueError(f"{name} got unknown hyperparameter(s) {', '.join(unknown)}; "
                      f"{_name(fn)} takes {', '.join(options) if options else 'none'}")
   if "f" in hparams:
-    from flagjax.core import checks
     checks.check_num_byzantine(_name(fn), hparams["f"])
 
 

@@ -102,6 +102,7 @@ import jax.numpy as jnp
 
 from flagjax.core import checks
 from flagjax.core import gram as gram_lib
+from flagjax.core import sorting
 from flagjax.core import tree as tree_lib
 
 __all__ = [
@@ -363,15 +364,6 @@ def _irls(problem: _Problem, max_iters, tol, eps, start_weights: jax.Array) -> _
   return jax.lax.while_loop(keep_going, step, initial)
 
 
-def _masked_median(values: jax.Array, mask: jax.Array) -> jax.Array:
-  """Median of ``values`` where ``mask`` (0 when the mask is empty); ``n`` scalars only."""
-  count = jnp.sum(mask)
-  ordered = jnp.sort(jnp.where(mask, values, jnp.inf))
-  low = ordered[jnp.maximum(count - 1, 0) // 2]
-  high = ordered[count // 2]
-  return jnp.where(count > 0, (low + high) / 2, 0)
-
-
 def _output_coefficients(problem: _Problem, basis: jax.Array, num_columns: int,
                          scale: str) -> jax.Array:
   """Coefficients ``c`` with ``sum_i c_i x_i`` the output for ``scale``."""
@@ -384,7 +376,7 @@ def _output_coefficients(problem: _Problem, basis: jax.Array, num_columns: int,
   elif scale == "mean":
     weights_on_u = kept * problem.row_norms / num_kept
   else:  # "norm"
-    weights_on_u = kept * _masked_median(problem.row_norms, problem.kept) / num_kept
+    weights_on_u = kept * sorting.masked_median(problem.row_norms, problem.kept) / num_kept
   projections = jnp.matmul(directions.T, problem.coordinates, precision=_HI)  # P = z^T R
   on_basis = jnp.matmul(projections, weights_on_u, precision=_HI)
   # B = Q g_+^{-1/2} z maps subspace coordinates back to coefficients on the u_i.

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from flagjax.core import checks
 from flagjax.core import gram as gram_lib
+from flagjax.core import sorting
 from flagjax.core import tree as tree_lib
 
 __all__ = [
@@ -34,13 +35,6 @@ class _WeiszfeldState(NamedTuple):
   gram_times_c: jax.Array  # [n], K c, carried so each step needs K c only once
   num_iters: jax.Array     # int32 scalar
   converged: jax.Array     # bool scalar
-
-
-def _masked_median(values: jax.Array, mask: jax.Array) -> jax.Array:
-  """Median of ``values`` where ``mask`` (n scalars; the lower middle for even counts)."""
-  count = jnp.sum(mask)
-  ordered = jnp.sort(jnp.where(mask, values, jnp.inf))
-  return ordered[jnp.maximum(count - 1, 0) // 2]
 
 
 @gram_lib.translation_invariant
@@ -127,7 +121,7 @@ def geometric_median_coefficients(K: jax.Array, *, max_iters: int = 100, tol: fl
     # |z' - z|^2 as delta^T K delta, not from K_new - Kc: that difference cancels badly.
     sq_change = jnp.maximum(jnp.dot(delta, matvec(delta), precision=_HIGHEST), 0)
     sq_scale = jnp.maximum(jnp.dot(new, K_new, precision=_HIGHEST),
-                           _masked_median(sq_dist, finite))
+                           sorting.masked_median(sq_dist, finite, lower=True))
     converged = sq_change <= tol**2 * sq_scale
     return _WeiszfeldState(new, K_new, state.num_iters + 1, converged)
 

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 __all__ = [
     "batcher_comparators",
     "mean_closest_to",
+    "masked_median",
     "mean_of",
     "mean_of_sorted",
     "median_of_sorted",
@@ -200,3 +201,16 @@ def mean_closest_to(sorted_values: Sequence[jax.Array], center: jax.Array,
     inside = (start <= k) & (k < start + size)
     total = total + jnp.where(inside, value * inverse, 0)
   return jnp.clip(total, low, high)
+
+
+def masked_median(values: jax.Array, mask: jax.Array, *, lower: bool = False) -> jax.Array:
+  """Median of the ``values`` where ``mask`` (a few scalars, e.g. ``n`` row norms).
+
+  Even counts average the two middle values, or take the lower one with ``lower=True``;
+  0 when the mask is empty. A plain sort: this is for ``n`` scalars, not per coordinate.
+  """
+  count = jnp.sum(mask)
+  ordered = jnp.sort(jnp.where(mask, values, jnp.inf))
+  low = ordered[jnp.maximum(count - 1, 0) // 2]
+  middle = low if lower else (low + ordered[count // 2]) / 2
+  return jnp.where(count > 0, middle, 0)
