@@ -126,9 +126,11 @@ def flag_released(x, *, rank: Optional[int] = None, lam: float = 0.0, seed: int 
   weighted = jnp.concatenate(columns, axis=0)                          # [m, d]
   # Left singular vectors of the d x m matrix = right singular vectors of its transpose.
   Y1 = jnp.linalg.svd(weighted, full_matrices=False)[2][:r].T          # [d, r]
-  keep_step = _tracked_objective(units, Y0) - _tracked_objective(units, Y1) > 0
-  ran = _tracked_objective(units, Y0) > 1e-10
-  Y = jnp.where(keep_step & ran, Y1, Y0)
+  start_objective = _tracked_objective(units, Y0)
+  # Their loop runs only while the start's objective exceeds 1e-10, and keeps the step only
+  # if it lowers that objective.
+  keep_step = (start_objective > 1e-10) & (start_objective - _tracked_objective(units, Y1) > 0)
+  Y = jnp.where(keep_step, Y1, Y0)
   aggregate = jnp.matmul(Y, jnp.sum(jnp.matmul(units, Y, precision=_HI), axis=0),
                          precision=_HI) / r
   return _unflatten(aggregate, leaves, treedef)
