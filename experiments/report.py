@@ -54,6 +54,19 @@ def read_json(path: str):
     return json.load(stream)
 
 
+def write_error_line(error: OSError) -> str:
+  """The one line a command prints for an unwritable or full output folder (no traceback)."""
+  where = f" ({error.filename})" if getattr(error, "filename", None) else ""
+  return f"error: cannot write the results{where}: {error.strerror or error}"
+
+
+def accuracy_curves(rules: dict) -> dict:
+  """``{label: (steps, [seeds, evaluations] accuracies)}`` of the finished rules of a
+  train result's ``rules`` (the input of :func:`plot_curves`)."""
+  return {label: (r["runs"][0]["steps"], np.array([run["test_accuracy"] for run in r["runs"]]))
+          for label, r in rules.items() if r.get("status") == "ok"}
+
+
 def summarize(values: Sequence[float]) -> dict:
   """``{"mean", "std", "min", "max", "n"}`` of per-seed values (population std)."""
   values = np.asarray(values, dtype=np.float64)
@@ -259,9 +272,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if len(args.results) == 1:
     record = read_json(args.results[0])
     if isinstance(record, dict) and isinstance(record.get("rules"), dict):
-      curves = {label: (r["runs"][0]["steps"],
-                        np.array([run["test_accuracy"] for run in r["runs"]]))
-                for label, r in record["rules"].items() if r.get("status") == "ok"}
+      curves = accuracy_curves(record["rules"])
       png = os.path.splitext(args.results[0])[0] + ".png"
       try:
         plot_curves(png, curves, title=record.get("setting", ""), chance=0.1)

@@ -18,9 +18,7 @@ never recomputed, and the table is rebuilt from the cell files. ``--fresh`` star
 from __future__ import annotations
 
 import argparse
-import hashlib
 import itertools
-import json
 import os
 import shlex
 import sys
@@ -34,12 +32,9 @@ from experiments.specs import RuleUnavailable, UsageError
 
 
 def cell_key(config: train.Config) -> str:
-  """A stable name for one cell: a hash of everything that determines its result (the
-  options and the flagjax version; after editing the code itself, start over with --fresh)."""
-  import flagjax
-  text = json.dumps({"config": config.results_key(), "flagjax": flagjax.__version__},
-                    sort_keys=True)
-  return hashlib.sha256(text.encode()).hexdigest()[:20]
+  """A stable name for one cell (:func:`experiments.train.config_key`, so a cell and the
+  same single run of ``experiments.train`` share their name)."""
+  return train.config_key(config)
 
 
 class Grid:
@@ -340,10 +335,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"error: {error}", file=sys.stderr)
     return 2
   except OSError as error:
-    # An unwritable or full output folder: one line, not a traceback.
-    where = f" ({error.filename})" if getattr(error, "filename", None) else ""
-    print(f"error: cannot write the results{where}: {error.strerror or error}",
-          file=sys.stderr)
+    print(report.write_error_line(error), file=sys.stderr)
     return 1
 
 

@@ -323,13 +323,20 @@ def progress_bar(total: int, enabled: bool, unit: str = "step"):
               dynamic_ncols=True, file=sys.stderr, leave=False)
 
 
-def run_key(config: Config, rule_text: str, seed: int) -> str:
-  """A stable name for one (rule, seed) run of ``config``: a hash of what determines it."""
+def config_key(config: Config) -> str:
+  """A stable name for a configuration: a hash of everything that determines its result (the
+  options and the flagjax version; after editing the code itself, start over with --fresh).
+  The sweep names its cells by it too."""
   import hashlib
   import flagjax
-  text = json.dumps({"config": config.replace(rules=(rule_text,), seeds=(seed,)).results_key(),
-                     "flagjax": flagjax.__version__}, sort_keys=True)
+  text = json.dumps({"config": config.results_key(), "flagjax": flagjax.__version__},
+                    sort_keys=True)
   return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def run_key(config: Config, rule_text: str, seed: int) -> str:
+  """The :func:`config_key` of one (rule, seed) run of ``config``."""
+  return config_key(config.replace(rules=(rule_text,), seeds=(seed,)))
 
 
 def _load_run(cache_dir: Optional[str], key: str) -> Optional[dict]:
@@ -418,14 +425,12 @@ def results_table(rules: dict) -> tuple[list[str], list[list[str]], list[str]]:
 def write_outputs(out_dir: str, name: str, config: Config, rules: dict, command: str,
                   chance: float) -> tuple[str, str]:
   """Writes ``<out>/<name>.json`` and ``<out>/<name>.png`` (atomically); returns the paths."""
-  import numpy as np
   json_path = os.path.join(out_dir, f"{name}.json")
   png_path = os.path.join(out_dir, f"{name}.png")
   report.atomic_write_json(json_path, {
       "command": command, "setting": describe_setting(config), "config": config.to_json(),
       "rules": rules, "versions": _versions()})
-  curves = {label: (r["runs"][0]["steps"], np.array([run["test_accuracy"] for run in r["runs"]]))
-            for label, r in rules.items() if r["status"] == "ok"}
+  curves = report.accuracy_curves(rules)
   seeds = len(config.seeds)
   title = describe_setting(config) + (f" ({seeds} seeds: mean, min-max band)" if seeds > 1
                                       else f" (seed {config.seeds[0]})")
@@ -658,9 +663,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"error: {error}", file=sys.stderr)
     return 2
   except OSError as error:
-    where = f" ({error.filename})" if getattr(error, "filename", None) else ""
-    print(f"error: cannot write the results{where}: {error.strerror or error}",
-          file=sys.stderr)
+    print(report.write_error_line(error), file=sys.stderr)
     return 1
 
 
