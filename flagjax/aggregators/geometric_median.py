@@ -85,7 +85,6 @@ def geometric_median_coefficients(K: jax.Array, *, max_iters: int = 100, tol: fl
   K, finite = gram_lib.clean_gram(K)
   dtype = K.dtype
   diag = jnp.diagonal(K)
-  weights_mask = finite.astype(dtype)
   rounding = 256 * jnp.finfo(dtype).eps
   nu = jnp.asarray(nu, dtype)
 
