@@ -138,7 +138,7 @@ def _byzfl_mda(module, n, f):
 def _flag(lam: float):
   def build(n, f, max_iters=FLAG_MAX_ITERS):
     del n, f
-    return lambda x: aggregators.flag(x, lam=lam, max_iters=max_iters, tol=0.0)
+    return lambda x: aggregators.flag(x, lam=lam, max_iters=max_iters, tol=0.0, scale="rank")
   return build
 
 

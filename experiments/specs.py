@@ -22,7 +22,7 @@ import flagjax
 
 RULES = ("mean", "median", "trimmed_mean", "meamed", "phocas", "krum", "multi_krum",
          "bulyan", "geometric_median", "centered_clipping", "mda", "monna", "flag",
-         "flag_released")
+         "normalized_mean", "flag_released")
 # Rules that live in experiments/ (reference ports), not in flagjax.aggregators.
 _EXPERIMENT_RULES = {"flag_released": ("experiments.flag_released", "flag_released")}
 # The comparison of the paper's study (and of the issue): the default of --rules.
@@ -30,7 +30,7 @@ DEFAULT_RULES = ("mean", "median", "trimmed_mean", "krum", "multi_krum", "bulyan
                  "geometric_median", "centered_clipping", "flag")
 
 GRADIENT_ATTACKS = ("gaussian", "uniform", "sign_flip", "ipm", "alie", "mimic", "nan", "inf",
-                    "scaled")
+                    "scaled", "min_max", "min_sum", "fang")
 ADAPTIVE_ATTACKS = ("optimal_alie", "optimal_ipm")  # factories of the attacked rule
 DATA_ATTACKS = ("label_flip", "augmented", "augment_gaussian", "augment_lotka_volterra",
                 "augment_cat_map")                  # factories of data attacks

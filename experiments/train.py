@@ -493,7 +493,9 @@ EPILOG = """\
 rules (--rules, with optional hyperparameters as name:key=value,key=value):
   mean  median  trimmed_mean  meamed  phocas  krum  multi_krum[:m=]  bulyan
   geometric_median[:max_iters=,tol=,nu=]  centered_clipping[:tau=,num_iters=]
-  mda  monna[:idx=]  flag[:rank=,lam=,max_iters=,tol=,eps=,scale=rank|mean|norm]
+  mda  monna[:idx=]  flag[:rank=,lam=,max_iters=,tol=,eps=,scale=norm|rank|mean,num_starts=]
+  normalized_mean          every row rescaled to the median norm, then averaged (flag without
+                           its subspace)
   flag_released[:rank=,lam=,seed=]  (the authors' released code: one IRLS step from a seeded
   random start; experiments/flag_released.py lists how it deviates from the paper)
   Rules that take f get --assumed-byzantine (default: --num-byzantine). A rule whose bound on
@@ -507,6 +509,12 @@ attacks (--attack, with optional hyperparameters):
   alie[:z=]                mean + z * std (Baruch et al.; z from n and f by default)
   mimic[:idx=]  nan  inf   scaled[:factor=] (factor * mean, default -10)
   optimal_alie  optimal_ipm   adaptive: the factor that hurts the chosen rule most
+  min_max[:perturbation=]  mean + gamma * p, the largest gamma keeping every distance to an
+  min_sum[:perturbation=]  honest row within the honest diameter (min_sum: the sum of squared
+                           distances within the honest maximum); p = std (default), unit or
+                           sign (Shejwalkar & Houmansadr, NDSS 2021)
+  fang[:b=]                just beyond the honest extreme, against trimmed mean and median
+                           (Fang et al., USENIX Security 2020)
   label_flip               data attack: labels y -> 9 - y on the Byzantine workers
   augmented[:sigma=,num_iterations=,time=]   data attack: the paper's workers on augmented
                            data (Gaussian noise, Lotka-Volterra flow or cat map per batch);

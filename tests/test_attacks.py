@@ -383,3 +383,136 @@ def test_property_mean_statistics(h, f, d, seed):
   perm = np.random.default_rng(seed).permutation(h)
   np.testing.assert_allclose(attacks.alie(x[perm], f, z=1.0), attacks.alie(x, f, z=1.0),
                              rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Min-Max, Min-Sum (Shejwalkar & Houmansadr, NDSS 2021) and Fang (USENIX Security 2020).
+
+
+def np_perturbation(x, kind):
+  mu = x.mean(0)
+  return {"unit": -mu / np.linalg.norm(mu), "std": -x.std(0), "sign": -np.sign(mu)}[kind]
+
+
+def np_manipulation_gamma(x, kind, attack):
+  """Largest gamma meeting the paper's constraint, by bisection in float64 (independent of
+  the closed form): feasibility is an interval [0, gamma*] because each constraint is a
+  convex quadratic that holds at gamma = 0."""
+  x = x.astype(np.float64)
+  mu, p = x.mean(0), np_perturbation(x, kind)
+  pair = np.linalg.norm(x[:, None] - x[None], axis=-1)
+  if attack == "min_max":
+    bound = pair.max()
+    feasible = lambda g: np.linalg.norm(mu + g * p - x, axis=1).max() <= bound
+  else:
+    bound = (pair ** 2).sum(1).max()
+    feasible = lambda g: (np.linalg.norm(mu + g * p - x, axis=1) ** 2).sum() <= bound
+  lo, hi = 0.0, 1.0
+  while feasible(hi):
+    hi *= 2
+  for _ in range(200):
+    mid = 0.5 * (lo + hi)
+    lo, hi = (mid, hi) if feasible(mid) else (lo, mid)
+  return lo, mu, p
+
+
+def jit_attack(attack):
+  """``attack`` jitted with its row count (and perturbation) static."""
+  names = ("perturbation",) if attack in (attacks.min_max, attacks.min_sum) else ()
+  return jax.jit(attack, static_argnums=1, static_argnames=names)
+
+
+class ManipulationAttackTest(chex.TestCase):
+
+  @chex.variants(with_jit=True)
+  @parameterized.product(attack=("min_max", "min_sum"), kind=("unit", "std", "sign"))
+  def test_closed_form_equals_bisection_and_is_tight(self, attack, kind):
+    h, f, d = 9, 3, 40
+    fn = self.variant(functools.partial(getattr(attacks, attack), perturbation=kind),
+                      static_argnums=1)
+    for x in (helpers.random_rows(21, h, d) + 0.3, helpers.tied_rows(21, h, d) + 0.3):
+      x[:, 5] = 2.0                                    # a constant column
+      self._check_closed_form(np.asarray(fn(x, f), np.float64), x, f, d, attack, kind)
+
+  def _check_closed_form(self, rows, x, f, d, attack, kind):
+    chex.assert_shape(rows, (f, d))
+    np.testing.assert_array_equal(rows, np.repeat(rows[:1], f, 0))
+    gamma, mu, p = np_manipulation_gamma(x, kind, attack)
+    np.testing.assert_allclose(rows[0], mu + gamma * p, rtol=2e-4, atol=2e-4 * np.abs(p).max())
+    # The constraint is tight at the returned row.
+    x64 = x.astype(np.float64)
+    pair = np.linalg.norm(x64[:, None] - x64[None], axis=-1)
+    dist = np.linalg.norm(rows[0] - x64, axis=1)
+    if attack == "min_max":
+      np.testing.assert_allclose(dist.max(), pair.max(), rtol=1e-4)
+    else:
+      np.testing.assert_allclose((dist ** 2).sum(), (pair ** 2).sum(1).max(), rtol=1e-4)
+
+  def test_degenerate_huge_and_pytree_inputs(self):
+    h, f = 6, 2
+    min_max, min_sum = jit_attack(attacks.min_max), jit_attack(attacks.min_sum)
+    # Equal honest rows: p = -std = 0, so b = mu.
+    same = np.tile(helpers.random_rows(22, 1, 10), (h, 1))
+    for attack in (min_max, min_sum):
+      np.testing.assert_allclose(attack(same, f)[0], same[0], rtol=1e-6)
+    # Huge finite rows (a float32 Gram of them overflows): the result scales with the input.
+    x = helpers.random_rows(23, h, 10)
+    for attack in (min_max, min_sum):
+      for kind in ("std", "unit"):
+        small = np.asarray(attack(x, f, perturbation=kind))
+        big = np.asarray(attack(x * np.float32(1e30), f, perturbation=kind))
+        self.assertTrue(np.isfinite(big).all())
+        np.testing.assert_allclose(big / np.float32(1e30), small, rtol=1e-4, atol=1e-5)
+    # A pytree equals its flat concatenation (the constraint couples the leaves).
+    flat = helpers.random_rows(24, h, 12) + 1.0
+    tree = {"a": flat[:, :5], "b": flat[:, 5:].reshape(h, 7, 1)}
+    for attack in (min_max, min_sum):
+      out = attack(tree, f)
+      chex.assert_shape(out["b"], (f, 7, 1))
+      np.testing.assert_allclose(
+          np.concatenate([out["a"], out["b"].reshape(f, 7)], 1), attack(flat, f), rtol=1e-5)
+    # dtypes follow the honest rows; float16 computes in float32.
+    half = min_max(flat.astype(np.float16), f)
+    self.assertEqual(half.dtype, np.float16)
+    np.testing.assert_allclose(half, min_max(flat, f), rtol=2e-2, atol=2e-2)
+
+  def test_sharded_equals_unsharded(self):
+    honest = helpers.random_rows(25, 7, 32) + 0.5
+    for attack in (attacks.min_max, attacks.min_sum,
+                   functools.partial(attacks.min_max, perturbation="unit")):
+      np.testing.assert_allclose(run_sharded(attack, honest, 3), jit_attack(attack)(honest, 3),
+                                 rtol=1e-5, atol=1e-5)
+
+  def test_fang_against_its_ranges(self):
+    h, f, d = 8, 5, 60
+    x = helpers.random_rows(26, h, d)
+    x[:, :10] += 3.0                                  # all-positive columns
+    x[:, 10:20] -= 3.0                                # all-negative columns
+    x[:, 20] = 0.0                                    # a constant zero column
+    rows = np.asarray(jax.jit(attacks.fang, static_argnums=1)(x, f, KEY), np.float64)
+    chex.assert_shape(rows, (f, d))
+    mu, w_max, w_min = x.mean(0), x.max(0), x.min(0)
+    lo = np.where(mu > 0, np.where(w_min > 0, w_min / 2, 2 * w_min), w_max)
+    hi = np.where(mu > 0, w_min, np.where(w_max > 0, 2 * w_max, w_max / 2))
+    tol = 1e-6 * (1 + np.abs(x).max())
+    self.assertTrue(np.all(rows >= lo - tol) and np.all(rows <= hi + tol))
+    # Beyond the honest extreme opposite to the mean's sign; rows drawn independently.
+    self.assertTrue(np.all(np.where(mu > 0, rows <= w_min + tol, rows >= w_max - tol)))
+    self.assertGreater(np.abs(rows[0] - rows[1]).max(), 0)
+    # b scales the range; b <= 1 and an unknown perturbation are refused, naming the rule.
+    with self.assertRaisesRegex(ValueError, "fang.*b > 1"):
+      attacks.fang(x, f, KEY, b=1.0)
+    with self.assertRaisesRegex(ValueError, "min_max.*perturbation"):
+      attacks.min_max(x, f, perturbation="gaussian")
+
+  @parameterized.parameters(
+      ("min_max", aggregators.krum), ("min_max", aggregators.multi_krum),
+      ("min_sum", aggregators.krum), ("fang", aggregators.trimmed_mean),
+      ("fang", aggregators.median))
+  def test_at_least_as_damaging_as_alie_on_its_target(self, name, rule):
+    h, f, d = 11, 4, 100
+    honest = helpers.random_rows(27, h, d) + 0.5
+    kw = {"f": f} if rule is not aggregators.median else {}
+    rule = jax.jit(functools.partial(rule, **kw))
+    strong = damage(rule, honest, jit_attack(getattr(attacks, name))(honest, f, KEY))
+    self.assertGreaterEqual(strong, damage(rule, honest, jit_attack(attacks.alie)(honest, f)))

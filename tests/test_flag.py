@@ -33,7 +33,7 @@ solve = jax.jit(functools.partial(aggregators.flag_solve, num_starts=1),
                 static_argnames=("rank", "scale"))
 
 
-def np_flag(x, rank=None, lam=0.0, max_iters=20, tol=1e-6, eps=1e-7, scale="rank"):
+def np_flag(x, rank=None, lam=0.0, max_iters=20, tol=1e-6, eps=1e-7, scale="norm"):
   """The Flag Aggregator in d-space (float64): scatter matrices and ``eigh``.
 
   Pairs: ``|u_i - u_j| > 1e-6`` whose difference the retained eigen-directions of the
@@ -170,7 +170,7 @@ class FlagReferenceTest(parameterized.TestCase):
     with jax.enable_x64(True):
       for lam in (0.0, 2.5):
         result = solve_all_scales(jnp.asarray(x), lam, 200, 1e-6)["rank"]
-        expected = np_flag(x, lam=lam, max_iters=200, tol=1e-6)
+        expected = np_flag(x, lam=lam, max_iters=200, tol=1e-6, scale="rank")
         self.assertBetween(int(result.num_iters), 2, 199)
         assert_matches_reference(result, expected, atol=1e-9, objective_atol=1e-7)
 
@@ -181,7 +181,7 @@ class FlagReferenceTest(parameterized.TestCase):
     with jax.enable_x64(True):
       for lam in (0.0, 2.0):
         ported = flag_dspace(jnp.asarray(x), rank=4, lam=lam, max_iters=5)
-        expected = np_flag(x, rank=4, lam=lam, max_iters=5, tol=0.0)[0]
+        expected = np_flag(x, rank=4, lam=lam, max_iters=5, tol=0.0, scale="rank")[0]
         np.testing.assert_allclose(ported, expected, atol=1e-10)
 
   def test_coefficients_from_gram_alone(self):
@@ -323,9 +323,12 @@ class FlagTransformsTest(chex.TestCase):
   def test_a_single_finite_row_and_none(self):
     x = helpers.random_rows(9, 3, 8)
     bad = helpers.poison(x, rows=[1, 2])
-    # One kept row: rank 1, the output ("rank" scale) is that row normalised.
-    np.testing.assert_allclose(solve(bad).aggregate, x[0] / np.linalg.norm(x[0]), rtol=1e-5)
+    # One kept row: rank 1, the "rank" output is that row normalised; "mean" and the default
+    # "norm" (its direction times the median kept norm, its own) give the row itself.
+    np.testing.assert_allclose(solve(bad, scale="rank").aggregate, x[0] / np.linalg.norm(x[0]),
+                               rtol=1e-5)
     np.testing.assert_allclose(solve(bad, scale="mean").aggregate, x[0], rtol=1e-5)
+    np.testing.assert_allclose(solve(bad).aggregate, x[0], rtol=1e-5)
     # No finite row: NaN says there is nothing to aggregate; finite zero rows give zero.
     nothing = solve(helpers.poison(x, rows=[0, 1, 2]))
     self.assertTrue(np.all(np.isnan(nothing.aggregate)))

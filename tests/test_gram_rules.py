@@ -388,3 +388,51 @@ def test_property_oracles_invariance_and_byzantine_rows(n, seed, data):
   np.testing.assert_allclose(cc, np_centered_clipping(bad, tau=TAU), rtol=1e-4, atol=1e-5)
   if f_mda == f:
     np.testing.assert_allclose(MDA(bad, f=f), honest.mean(0), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# The normalised mean (flag's "norm" scale without the subspace).
+
+
+def np_normalized_mean(x):
+  x = np.asarray(x, np.float64)
+  norms = np.linalg.norm(x, axis=1)
+  kept = np.isfinite(norms) & (norms > 0)
+  return (x[kept] / norms[kept, None]).mean(0) * np.median(norms[kept])
+
+
+class NormalizedMeanTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_against_numpy_with_ties_zeros_and_byzantine_rows(self):
+    fn = self.variant(aggregators.normalized_mean)
+    x = helpers.tied_rows(30, 9, 12)
+    x[3] = 0.0                                          # a zero row is left out
+    x[:, 4] = 1.5                                       # a constant column
+    chex.assert_trees_all_close(fn(x), np_normalized_mean(x), rtol=1e-5, atol=1e-6)
+    bad = helpers.poison(x, rows=[0, 5])                # NaN/Inf rows never leak
+    out = np.asarray(fn(bad))
+    self.assertTrue(np.isfinite(out).all())
+    np.testing.assert_allclose(out, np_normalized_mean(np.delete(x, [0, 5], 0)), rtol=1e-5,
+                               atol=1e-6)
+    # A huge finite row is rescaled like any other: its influence is m / k.
+    big = x.copy()
+    big[1] = np.float32(1e30) * np.sign(x[1] + 0.5)
+    np.testing.assert_allclose(fn(big), np_normalized_mean(big), rtol=1e-4, atol=1e-5)
+    # Permutation invariant; equals flag(scale="norm") with a full-rank subspace (Y Y^T = I
+    # on the span of the rows).
+    perm = np.random.default_rng(0).permutation(9)
+    np.testing.assert_allclose(fn(x[perm]), fn(x), rtol=1e-5, atol=1e-6)
+    full = aggregators.flag(jnp.asarray(x), rank=9, scale="norm", max_iters=0)
+    np.testing.assert_allclose(full, fn(x), rtol=1e-4, atol=1e-5)
+
+  def test_nothing_to_aggregate_pytree_and_shards(self):
+    x = helpers.random_rows(31, 5, 16)
+    self.assertTrue(np.isnan(aggregators.normalized_mean(helpers.poison(x, rows=range(5)))).all())
+    np.testing.assert_array_equal(aggregators.normalized_mean(np.zeros_like(x)), 0)
+    tree = {"a": x[:, :6], "b": x[:, 6:].reshape(5, 5, 2)}
+    out = aggregators.normalized_mean(tree)
+    np.testing.assert_allclose(np.concatenate([out["a"], out["b"].reshape(10)]),
+                               np_normalized_mean(x), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(helpers.run_coordinate_sharded(aggregators.normalized_mean, x),
+                               np_normalized_mean(x), rtol=1e-5, atol=1e-6)

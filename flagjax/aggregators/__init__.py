@@ -2,7 +2,7 @@
 
 Gram-space rules (coefficients from ``K = X X^T``): :func:`mean`, :func:`krum`,
 :func:`multi_krum`, :func:`geometric_median`, :func:`centered_clipping`, :func:`mda`,
-:func:`monna`, :func:`flag`. Coordinate-wise rules (order statistics over the worker axis):
+:func:`monna`, :func:`flag`; :func:`normalized_mean` (flag's scale without the subspace). Coordinate-wise rules (order statistics over the worker axis):
 :func:`median`, :func:`trimmed_mean`, :func:`meamed`, :func:`phocas`; :func:`bulyan` uses both.
 """
 
@@ -21,6 +21,7 @@ from flagjax.aggregators.krum import multi_krum
 from flagjax.aggregators.mda import mda
 from flagjax.aggregators.mean import mean
 from flagjax.aggregators.monna import monna
+from flagjax.aggregators.normalized_mean import normalized_mean
 
 __all__ = [
     "FlagResult",
@@ -36,6 +37,7 @@ __all__ = [
     "median",
     "monna",
     "multi_krum",
+    "normalized_mean",
     "phocas",
     "trimmed_mean",
 ]

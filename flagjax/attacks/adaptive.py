@@ -1,0 +1,429 @@
+r"""Adaptive (omniscient) attacks: they read every honest row (and, for the optimised ones, the
+rule), and send what does the most damage while staying hard to tell apart.
+
+* :func:`optimal_alie`, :func:`optimal_ipm`: ALIE's / IPM's factor searched to maximise the
+  damage to a given rule (:func:`search_factor`);
+* :func:`min_max`, :func:`min_sum`: Shejwalkar & Houmansadr's AGR-agnostic attacks, the step
+  along a perturbation exact in closed form;
+* :func:`fang`: Fang et al.'s full-knowledge attack on trimmed mean / median.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable, Optional
+
+import jax
+import jax.numpy as jnp
+
+from flagjax.attacks._shared import (alie_rows, check_counts, compute, honest_mean,
+                                     honest_std, repeat_row)
+from flagjax.core import checks
+from flagjax.core import gram as gram_lib
+from flagjax.core import tree as tree_lib
+
+__all__ = ["PERTURBATIONS", "fang", "min_max", "min_sum", "optimal_alie", "optimal_ipm",
+           "search_factor"]
+
+PyTree = tree_lib.PyTree
+
+
+def _damage(rule: Callable, rule_kwargs: dict, honest: PyTree, byzantine: PyTree,
+            mean32: PyTree, axis_name) -> jax.Array:
+  r""":math:`|\mathrm{rule}(\text{honest} \cup \text{byzantine}) - \bar{x}|` (Gram-free:
+  squared differences summed per leaf, ``psum``-ed over the coordinate shards)."""
+  stacked = jax.tree.map(lambda a, b: jnp.concatenate([a, b.astype(a.dtype)], 0),
+                         honest, byzantine)
+  kwargs = dict(rule_kwargs)
+  if axis_name is not None:
+    kwargs["axis_name"] = axis_name
+  aggregate = rule(stacked, **kwargs)
+  sq = sum(jnp.sum(jnp.square(tree_lib.to_compute(a) - m))
+           for a, m in zip(jax.tree.leaves(aggregate), jax.tree.leaves(mean32)))
+  if axis_name is not None:
+    sq = jax.lax.psum(sq, axis_name)
+  damage = jnp.sqrt(sq)
+  # A rule that breaks (NaN) is not a damage the search should chase.
+  return jnp.where(jnp.isnan(damage), -jnp.inf, damage)
+
+
+def search_factor(objective: Callable[[jax.Array], jax.Array], lower: float, upper: float, *,
+                  num_points: int = 11, num_rounds: int = 3) -> tuple[jax.Array, jax.Array]:
+  r"""Maximises a scalar function of one factor on ``[lower, upper]`` by a zooming grid.
+
+  Round 1 evaluates ``num_points`` evenly spaced factors; each later round evaluates
+  ``num_points`` factors on one grid step either side of the best factor so far (clipped to
+  the range), so the resolution shrinks by ``(num_points - 1) / 2`` per round. Robust to
+  non-unimodal objectives (unlike golden-section search); the best factor ever evaluated is
+  returned (ties: the first found). Jit-able: one ``lax.fori_loop`` over rounds, one
+  ``lax.map`` over a round's factors (the objective is traced once).
+
+  Args:
+    objective: ``objective(factor) -> scalar`` (NaN counts as ``-inf``).
+    lower: smallest factor.
+    upper: largest factor.
+    num_points: factors per round (static, ``>= 2``).
+    num_rounds: rounds (static, ``>= 1``); ``num_points * num_rounds`` evaluations in all.
+
+  Returns:
+    ``(best_factor, best_objective)``.
+  """
+  checks.require("search_factor", num_points >= 2 and num_rounds >= 1,
+                 "num_points >= 2 and num_rounds >= 1", num_points=num_points,
+                 num_rounds=num_rounds)
+  lower = jnp.float32(lower)
+  upper = jnp.float32(upper)
+
+  def evaluate(factor):
+    value = jnp.asarray(objective(factor), jnp.float32)
+    return jnp.where(jnp.isnan(value), -jnp.inf, value)
+
+  def one_round(_, carry):
+    lo, hi, best_factor, best_value = carry
+    factors = jnp.linspace(lo, hi, num_points)
+    values = jax.lax.map(evaluate, factors)
+    k = jnp.argmax(values)
+    better = values[k] > best_value
+    best_factor = jnp.where(better, factors[k], best_factor)
+    best_value = jnp.where(better, values[k], best_value)
+    step = (hi - lo) / (num_points - 1)
+    return (jnp.maximum(lower, best_factor - step), jnp.minimum(upper, best_factor + step),
+            best_factor, best_value)
+
+  start = (lower, upper, lower, jnp.float32(-jnp.inf))
+  _, _, best_factor, best_value = jax.lax.fori_loop(0, num_rounds, one_round, start)
+  return best_factor, best_value
+
+
+def _takes_argument(fn: Callable, name: str) -> bool:
+  try:
+    parameters = inspect.signature(fn).parameters
+  except (TypeError, ValueError):
+    return False
+  parameter = parameters.get(name)
+  return parameter is not None and parameter.kind in (parameter.POSITIONAL_OR_KEYWORD,
+                                                      parameter.KEYWORD_ONLY)
+
+
+def _optimal_attack(name: str, rows_fn, rule: Callable, search_range, num_points: int,
+                    num_rounds: int, rule_hparams: dict):
+  lower, upper = search_range
+  checks.require(name, lower <= upper, "search_range = (lower, upper) with lower <= upper",
+                 search_range=search_range)
+  rule_name = getattr(rule, "__name__", repr(rule))
+
+  def attack(honest: PyTree, f: int, key: Optional[jax.Array] = None, *, axis_name=None):
+    del key
+    h, f = check_counts(name, honest, f)
+    rule_kwargs = dict(rule_hparams)
+    # The attacker is omniscient: a rule's f, unless given, is the number of Byzantine rows.
+    if "f" not in rule_kwargs and _takes_argument(rule, "f"):
+      rule_kwargs["f"] = f
+    honest32 = compute(honest)
+    mean32 = honest_mean(honest32, h)
+    make_rows = rows_fn(honest32, mean32, h, f, honest)
+    if f == 0:
+      return make_rows(jnp.float32(lower))
+    damage = lambda factor: _damage(rule, rule_kwargs, honest, make_rows(factor), mean32,
+                                    axis_name)
+    factor, _ = search_factor(damage, lower, upper, num_points=num_points,
+                              num_rounds=num_rounds)
+    return make_rows(factor)
+
+  attack.__name__ = f"{name}_{rule_name}"
+  attack.__doc__ = f"{name} against {rule_name} (see flagjax.attacks.{name})."
+  return attack
+
+
+def optimal_alie(rule: Callable, *, search_range: tuple[float, float] = (0.0, 10.0),
+                 num_points: int = 11, num_rounds: int = 3, **rule_hparams):
+  r"""ALIE with the shift ``z`` that maximises the damage to ``rule``.
+
+  The returned attack sends ``f`` rows :math:`\bar{x} + z^\star \sigma` (see :func:`alie`) with
+
+  .. math:: z^\star = \arg\max_{z \in \text{search\_range}}
+            \left|\mathrm{rule}(\text{honest} \cup \{\bar{x} + z\sigma\}^{f})
+            - \bar{x}\right|,
+
+  found by :func:`search_factor` (a zooming grid: ``num_points * num_rounds`` rule
+  evaluations per call; jit-able). The honest rows come first and the Byzantine rows last,
+  as in :mod:`flagjax.sim`. On coordinate shards (``axis_name`` set) the rule runs on the
+  shards and the damage is ``psum``-ed, so every shard picks the same ``z``.
+
+  Args:
+    rule: the attacked aggregation rule, ``rule(x, **rule_hparams)``; when it takes an ``f``
+      that ``rule_hparams`` does not give, it gets the attack's ``f``.
+    search_range: ``(lower, upper)`` for ``z``.
+    num_points: grid points per round (static).
+    num_rounds: zoom rounds (static).
+    **rule_hparams: the rule's hyperparameters.
+
+  Returns:
+    ``attack(honest, f, key=None, *, axis_name=None) -> [f, ...]`` rows.
+
+  References:
+    Baruch et al., NeurIPS 2019; Allouah et al., "Fixing by Mixing: A Recipe for Optimal
+    Byzantine ML under Heterogeneity", AISTATS 2023 (the optimised factor).
+  """
+  def rows_fn(honest32, mean32, h, f, like):
+    std32 = honest_std(honest32, mean32, h)
+    return lambda z: alie_rows(honest32, mean32, std32, z, f, like)
+  return _optimal_attack("optimal_alie", rows_fn, rule, search_range, num_points, num_rounds,
+                         rule_hparams)
+
+
+def optimal_ipm(rule: Callable, *, search_range: tuple[float, float] = (0.0, 10.0),
+                num_points: int = 11, num_rounds: int = 3, **rule_hparams):
+  r"""IPM with the factor ``eps`` that maximises the damage to ``rule``.
+
+  The returned attack sends ``f`` rows :math:`-\epsilon^\star \bar{x}` with
+  :math:`\epsilon^\star` maximising
+  :math:`|\mathrm{rule}(\text{honest} \cup \{-\epsilon\bar{x}\}^{f}) - \bar{x}|` over
+  ``search_range``; the search, sharding and arguments are as in :func:`optimal_alie`.
+
+  Args:
+    rule: the attacked aggregation rule.
+    search_range: ``(lower, upper)`` for ``eps``.
+    num_points: grid points per round (static).
+    num_rounds: zoom rounds (static).
+    **rule_hparams: the rule's hyperparameters.
+
+  Returns:
+    ``attack(honest, f, key=None, *, axis_name=None) -> [f, ...]`` rows.
+
+  References:
+    Xie, Koyejo, Gupta, UAI 2019; Allouah et al., AISTATS 2023.
+  """
+  def rows_fn(honest32, mean32, h, f, like):
+    del honest32, h
+    return lambda eps: repeat_row(jax.tree.map(lambda m: -eps * m, mean32), f, like)
+  return _optimal_attack("optimal_ipm", rows_fn, rule, search_range, num_points, num_rounds,
+                         rule_hparams)
+
+
+# ---------------------------------------------------------------------------------------------
+# Manipulating the Byzantine (Shejwalkar & Houmansadr, NDSS 2021): the largest step along a
+# perturbation that keeps the Byzantine row as close to the honest ones as they are to each
+# other; and Fang et al.'s full-knowledge attack on trimmed mean and median.
+
+
+PERTURBATIONS = ("unit", "std", "sign")
+
+
+def _perturbation(name: str, perturbation: str, honest32: PyTree, mean32: PyTree, h: int,
+                  axis_name) -> PyTree:
+  r"""``p``: ``"unit"`` :math:`-\mu/|\mu|`, ``"std"`` :math:`-\sigma`, ``"sign"``
+  :math:`-\mathrm{sign}(\mu)` (the norm of ``mu`` ``psum``-ed over coordinate shards)."""
+  if perturbation == "std":
+    return jax.tree.map(jnp.negative, honest_std(honest32, mean32, h))
+  if perturbation == "sign":
+    return jax.tree.map(lambda m: -jnp.sign(m), mean32)
+  # |mu| from mu / peak (peak = its largest magnitude): no overflow for huge means.
+  peak = jnp.float32(0)
+  for m in jax.tree.leaves(mean32):
+    peak = jnp.maximum(peak, jnp.max(jnp.abs(m)).astype(jnp.float32))
+  if axis_name is not None:
+    peak = jax.lax.pmax(peak, axis_name)
+  peak_inverse = jnp.where(peak > 0, 1.0 / jnp.where(peak > 0, peak, 1.0), 0.0)
+  sq = sum(jnp.sum(jnp.square(m * peak_inverse.astype(m.dtype))) for m in jax.tree.leaves(mean32))
+  if axis_name is not None:
+    sq = jax.lax.psum(sq, axis_name)
+  # -mu / |mu| = -(mu / peak) / |mu / peak|.
+  inverse = jnp.where(sq > 0, jax.lax.rsqrt(jnp.where(sq > 0, sq, 1.0)), 0.0) * peak_inverse
+  return jax.tree.map(lambda m: -m * inverse.astype(m.dtype), mean32)
+
+
+def _power_of_two_peak(trees, axis_name) -> jax.Array:
+  """The smallest power of two at or above every magnitude in ``trees`` (``pmax``-ed over
+  shards); 1 when they are all zero or not finite."""
+  peak = jnp.float32(0)
+  for leaf in jax.tree.leaves(trees):
+    peak = jnp.maximum(peak, jnp.max(jnp.abs(leaf)).astype(jnp.float32))
+  if axis_name is not None:
+    peak = jax.lax.pmax(peak, axis_name)
+  peak = jnp.where(jnp.isfinite(peak) & (peak > 0), peak, 1.0)
+  _, exponent = jnp.frexp(peak)
+  return jnp.ldexp(jnp.float32(1), exponent)
+
+
+def _centred_gram(honest32: PyTree, mean32: PyTree, p: PyTree, axis_name):
+  r"""``(G, ratio)``: ``G`` (``[h + 1, h + 1]``) is the Gram of the rows
+  :math:`(x_i - \mu)/s` and the extra row :math:`p/t`, with ``s`` and ``t`` powers of two at
+  their largest magnitudes, so every entry stays below ``d`` (no overflow for huge rows, no
+  underflow of a unit ``p`` beside them). In these units :math:`\gamma = (s/t)\gamma'`,
+  where :math:`\gamma'` solves the same constraint with ``G``'s entries; ``ratio = s / t``."""
+  centred = jax.tree.map(lambda x, m: x - m[None], honest32, mean32)
+  s = _power_of_two_peak(centred, axis_name)
+  t = _power_of_two_peak(p, axis_name)
+  scaled = lambda tree, by: jax.tree.map(lambda leaf: leaf * (1 / by).astype(leaf.dtype), tree)
+  G = gram_lib.gram(scaled(centred, s), extra=scaled(p, t), axis_name=axis_name)
+  return G, s / t
+
+
+def _largest_root(a: jax.Array, c: jax.Array, slack: jax.Array) -> jax.Array:
+  r"""Largest :math:`\gamma` with :math:`a\gamma^2 - 2c\gamma \le \text{slack}` (``a > 0``,
+  ``slack >= 0``): :math:`(c + \sqrt{c^2 + a\,\text{slack}})/a`, written without
+  cancellation for ``c < 0`` as :math:`\text{slack}/(\sqrt{c^2 + a\,\text{slack}} - c)`."""
+  root = jnp.sqrt(jnp.square(c) + a * slack)
+  safe_a = jnp.where(a > 0, a, 1.0)
+  denominator = root - c
+  safe_denominator = jnp.where(denominator > 0, denominator, 1.0)
+  return jnp.where(c >= 0, (c + root) / safe_a,
+                   jnp.where(denominator > 0, slack / safe_denominator, 0.0))
+
+
+def _manipulation(name: str, gamma_fn, honest: PyTree, f, perturbation: str, axis_name):
+  h, f = check_counts(name, honest, f)
+  checks.require(name, perturbation in PERTURBATIONS,
+                 f"perturbation in {PERTURBATIONS}", perturbation=perturbation)
+  honest32 = compute(honest)
+  mean32 = honest_mean(honest32, h)
+  if f == 0:
+    return repeat_row(mean32, 0, honest)
+  p = _perturbation(name, perturbation, honest32, mean32, h, axis_name)
+  G, ratio = _centred_gram(honest32, mean32, p, axis_name)
+  a = G[h, h]                                  # |p|^2
+  c = G[:h, h]                                 # <x_i - mu, p>, so <mu - x_i, p> = -c
+  e = jnp.diagonal(G)[:h]                      # |mu - x_i|^2
+  D = gram_lib.sq_distances(G[:h, :h])         # |x_i - x_j|^2
+  gamma = jnp.where(a > 0, gamma_fn(a, c, e, D, h), 0.0)
+  gamma = jnp.where(jnp.isfinite(gamma), jnp.maximum(gamma, 0.0), 0.0) * ratio
+  row = jax.tree.map(lambda m, q: m + gamma.astype(m.dtype) * q, mean32, p)
+  return repeat_row(row, f, honest)
+
+
+def min_max(honest: PyTree, f: int, key: Optional[jax.Array] = None, *,
+            perturbation: str = "std", axis_name=None) -> PyTree:
+  r"""Min-Max: every Byzantine row is :math:`b = \mu + \gamma p` with the largest
+  :math:`\gamma \ge 0` such that :math:`\max_i |b - x_i| \le \max_{i,j} |x_i - x_j|`.
+
+  ``p`` by ``perturbation``: ``"unit"`` :math:`-\mu/|\mu|`, ``"std"`` :math:`-\sigma`
+  (coordinate-wise population std), ``"sign"`` :math:`-\mathrm{sign}(\mu)`. Each constraint
+  :math:`|b - x_i|^2 = |\mu - x_i|^2 + 2\gamma\langle \mu - x_i, p\rangle + \gamma^2|p|^2
+  \le R` is a quadratic in :math:`\gamma` that holds at 0 (the mean lies in the honest
+  rows' hull), so the largest feasible :math:`\gamma` is the smallest of the ``h`` largest
+  roots: exact, in closed form from an ``(h + 1) x (h + 1)`` Gram of the centred rows and
+  ``p`` (``psum``-ed over ``axis_name``). The paper finds :math:`\gamma` by a halving search
+  from :math:`\gamma = 10`; the closed form is the value that search approaches (and is not
+  capped at 10). ``p = 0`` (all honest rows equal for ``"std"``, ``mu = 0`` for
+  ``"unit"``) gives ``b = mu``.
+
+  Args:
+    honest: honest rows ``[h, ...]`` (or a pytree).
+    f: number of Byzantine rows (static).
+    key: unused (deterministic attack).
+    perturbation: ``"std"`` (default, the paper's strongest on most rules), ``"unit"`` or
+      ``"sign"``.
+    axis_name: set when ``honest`` holds a coordinate shard (sums and maxima are psum-ed /
+      pmax-ed over it, so every shard uses the same :math:`\gamma`).
+
+  Returns:
+    ``[f, ...]`` identical rows in ``honest``'s structure and dtypes.
+
+  References:
+    Shejwalkar, Houmansadr, "Manipulating the Byzantine: Optimizing Model Poisoning Attacks
+    and Defenses for Federated Learning", NDSS 2021, Sec. IV (AGR-agnostic Min-Max).
+  """
+  del key
+
+  def gamma_fn(a, c, e, D, h):
+    slack = jnp.maximum(jnp.max(D) - e, 0.0)
+    # <mu - x_i, p> = -c_i: the constraint reads a g^2 - 2 c_i g <= R - e_i.
+    return jnp.min(_largest_root(a, c, slack))
+  return _manipulation("min_max", gamma_fn, honest, f, perturbation, axis_name)
+
+
+def min_sum(honest: PyTree, f: int, key: Optional[jax.Array] = None, *,
+            perturbation: str = "std", axis_name=None) -> PyTree:
+  r"""Min-Sum: every Byzantine row is :math:`b = \mu + \gamma p` with the largest
+  :math:`\gamma \ge 0` such that
+  :math:`\sum_i |b - x_i|^2 \le \max_i \sum_j |x_i - x_j|^2`.
+
+  Because :math:`\sum_i \langle \mu - x_i, p\rangle = 0`, the left side is
+  :math:`\sum_i |\mu - x_i|^2 + h\gamma^2|p|^2`, so
+  :math:`\gamma = \sqrt{(\max_i \sum_j |x_i - x_j|^2 - \sum_i |\mu - x_i|^2) / (h|p|^2)}`
+  exactly (the paper searches it by halving from 10). ``p``, sharding and the degenerate
+  ``p = 0`` as in :func:`min_max`.
+
+  Args:
+    honest: honest rows ``[h, ...]`` (or a pytree).
+    f: number of Byzantine rows (static).
+    key: unused (deterministic attack).
+    perturbation: ``"std"`` (default), ``"unit"`` or ``"sign"``.
+    axis_name: set when ``honest`` holds a coordinate shard.
+
+  Returns:
+    ``[f, ...]`` identical rows in ``honest``'s structure and dtypes.
+
+  References:
+    Shejwalkar, Houmansadr, NDSS 2021, Sec. IV (AGR-agnostic Min-Sum).
+  """
+  del key
+
+  def gamma_fn(a, c, e, D, h):
+    del c
+    slack = jnp.maximum(jnp.max(jnp.sum(D, axis=1)) - jnp.sum(e), 0.0)
+    return jnp.sqrt(slack / (h * jnp.where(a > 0, a, 1.0)))
+  return _manipulation("min_sum", gamma_fn, honest, f, perturbation, axis_name)
+
+
+def fang(honest: PyTree, f: int, key: jax.Array, *, b: float = 2.0, axis_name=None) -> PyTree:
+  r"""Fang et al.'s full-knowledge attack on trimmed mean and median, in gradient terms.
+
+  Per coordinate, with :math:`s = \mathrm{sign}(\mu)` and the honest maximum / minimum
+  :math:`w_{\max}, w_{\min}`, each Byzantine value is drawn uniformly from
+
+  * where :math:`s > 0` (the honest step would lower the weight): :math:`[w_{\min}/b,
+    w_{\min}]` if :math:`w_{\min} > 0`, else :math:`[b\,w_{\min}, w_{\min}]`;
+  * where :math:`s \le 0`: :math:`[w_{\max}, b\,w_{\max}]` if :math:`w_{\max} > 0`, else
+    :math:`[w_{\max}/b, w_{\max}]`,
+
+  so every Byzantine value lies beyond the honest extreme on the side opposite to the mean,
+  just far enough to pull the trimmed mean and the median that way without standing out.
+  The paper states it for model parameters; with gradients (``params - lr * g``) the
+  direction is the mean gradient's sign, as in the peers (FLPoison's and Blades' ``fang``).
+  Each Byzantine row is drawn independently. Coordinate-wise: on a coordinate shard the
+  draw is for the shard's shape (fold the shard index into the key, as :mod:`flagjax.sim`
+  does).
+
+  Args:
+    honest: honest rows ``[h, ...]`` (or a pytree).
+    f: number of Byzantine rows (static).
+    key: a ``jax.random`` key.
+    b: the range factor, ``b > 1`` (the paper's 2).
+    axis_name: accepted for the uniform attack signature.
+
+  Returns:
+    ``[f, ...]`` rows in ``honest``'s structure and dtypes.
+
+  References:
+    Fang, Cao, Jia, Gong, "Local Model Poisoning Attacks to Byzantine-Robust Federated
+    Learning", USENIX Security 2020, Sec. 4.2 (full knowledge, trimmed mean / median).
+  """
+  del axis_name
+  h, f = check_counts("fang", honest, f)
+  checks.check_key("fang", key)
+  checks.check_real("fang", "b", b)
+  if isinstance(b, (int, float)):
+    checks.require("fang", b > 1, "b > 1", b=b)
+  honest32 = compute(honest)
+  mean32 = honest_mean(honest32, h)
+  leaves, treedef = jax.tree.flatten(honest32)
+  keys = jax.random.split(key, max(len(leaves), 1))
+
+  def leaf_rows(leaf, mean, leaf_key, like):
+    w_max, w_min = leaf[0], leaf[0]
+    for row in tree_lib.rows(leaf)[1:]:
+      w_max, w_min = jnp.maximum(w_max, row), jnp.minimum(w_min, row)
+    bb = jnp.asarray(b, leaf.dtype)
+    lower_side = mean > 0
+    lo = jnp.where(lower_side, jnp.where(w_min > 0, w_min / bb, bb * w_min),
+                   w_max)
+    hi = jnp.where(lower_side, w_min,
+                   jnp.where(w_max > 0, bb * w_max, w_max / bb))
+    u = jax.random.uniform(leaf_key, (f,) + leaf.shape[1:], leaf.dtype)
+    return (lo[None] + u * (hi - lo)[None]).astype(like.dtype)
+
+  rows = [leaf_rows(leaf, m, k, like) for leaf, m, k, like in
+          zip(leaves, jax.tree.leaves(mean32), keys, jax.tree.leaves(honest))]
+  return jax.tree.unflatten(treedef, rows)
