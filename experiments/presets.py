@@ -1,7 +1,9 @@
 """The paper's settings, and this project's README table, as named presets.
 
-A preset is a set of option changes (on top of ``experiments.train``'s defaults) and, for a
-study with several rows, a list of settings, each a further set of changes. A one-setting
+A preset is plain data: a set of option changes (on top of ``experiments.train``'s defaults)
+and, for a study with several rows, a list of settings, each a further set of changes
+(:meth:`Preset.rows`); ``experiments.train`` reads it (this module imports nothing of the
+runners). A one-setting
 preset runs with ``python -m experiments.train --preset NAME``; every preset runs with
 ``python -m experiments.sweep --preset NAME`` (rows = settings, columns = rules). Options given
 on the command line override the preset.
@@ -41,23 +43,13 @@ class Preset:
   changes: dict
   settings: tuple = ()
 
-  def configs(self, base=None) -> list:
-    """``[(label, Config)]``, one per setting (one, labelled by the preset, if none)."""
-    from experiments import train
-    base = (base or train.Config()).replace(**self.changes)
+  def rows(self) -> list:
+    """``[(label, changes)]``, one per setting, each with the preset's changes under the
+    setting's (one row labelled by the preset when it has no settings). Plain data:
+    :func:`experiments.train.preset_configs` turns the rows into configs."""
     if not self.settings:
-      return [(self.name, base)]
-    return [(s.label, base.replace(**s.changes)) for s in self.settings]
-
-  def train_config(self, base=None):
-    """The single setting's config (``experiments.train --preset``)."""
-    configs = self.configs(base)
-    if len(configs) > 1:
-      raise PresetError(
-          f"preset {self.name} is a study of {len(configs)} settings "
-          f"({', '.join(label for label, _ in configs)}): run it with "
-          f"python -m experiments.sweep --preset {self.name}")
-    return configs[0][1]
+      return [(self.name, dict(self.changes))]
+    return [(s.label, {**self.changes, **s.changes}) for s in self.settings]
 
 
 # Options shared by the CPU-sized studies (IID unless a row says otherwise).

@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import tempfile
-from typing import Iterable, Optional, Sequence
+from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -58,6 +59,19 @@ def write_error_line(error: OSError) -> str:
   """The one line a command prints for an unwritable or full output folder (no traceback)."""
   where = f" ({error.filename})" if getattr(error, "filename", None) else ""
   return f"error: cannot write the results{where}: {error.strerror or error}"
+
+
+def run_command(body: Callable[[], int], usage_errors: tuple) -> int:
+  """The exit code of a command line's ``body``: its own, 2 with one ``error:`` line for a
+  usage error (``usage_errors``), 1 with one line for an unwritable output folder."""
+  try:
+    return body()
+  except usage_errors as error:
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+  except OSError as error:
+    print(write_error_line(error), file=sys.stderr)
+    return 1
 
 
 def accuracy_curves(rules: dict) -> dict:
@@ -123,6 +137,7 @@ def plot_curves(path: str, curves: dict, *, title: str, chance: Optional[float] 
     title: the figure title (the setting).
     chance: a dotted line at chance accuracy.
     dpi: resolution.
+    texts: optional ``[rows, cols]`` strings written in the cells instead of the values.
   """
   plt = _pyplot()
   fig, ax = plt.subplots(figsize=(7.0, 4.2))
@@ -153,7 +168,8 @@ def plot_curves(path: str, curves: dict, *, title: str, chance: Optional[float] 
 
 
 def plot_heatmap(path: str, values: np.ndarray, row_labels: Sequence[str],
-                 col_labels: Sequence[str], *, title: str, dpi: int = 110) -> None:
+                 col_labels: Sequence[str], *, title: str, dpi: int = 110,
+                 texts: Optional[np.ndarray] = None) -> None:
   """Final accuracy per (setting, rule); NaN cells (n/a or not run yet) are grey.
 
   Args:
@@ -163,6 +179,7 @@ def plot_heatmap(path: str, values: np.ndarray, row_labels: Sequence[str],
     col_labels: the rules.
     title: the figure title.
     dpi: resolution.
+    texts: optional ``[rows, cols]`` strings written in the cells instead of the values.
   """
   plt = _pyplot()
   values = np.asarray(values, dtype=np.float64)
@@ -174,6 +191,8 @@ def plot_heatmap(path: str, values: np.ndarray, row_labels: Sequence[str],
     for c in range(cols):
       v = values[r, c]
       text = "n/a" if math.isnan(v) else f"{v:.2f}"
+      if texts is not None:
+        text = str(texts[r][c])
       ax.text(c, r, text, ha="center", va="center", fontsize=8,
               color="black" if math.isnan(v) or v > 0.6 else "white")
   ax.set_xticks(range(cols), col_labels, rotation=35, ha="right", fontsize=8)

@@ -61,7 +61,7 @@ class Grid:
     return len(self.settings) * len(self.rules) * len(self.seeds)
 
 
-def _cells_dir(out_dir: str) -> str:
+def cells_dir(out_dir: str) -> str:
   return os.path.join(out_dir, "cells")
 
 
@@ -86,7 +86,7 @@ def load_done(out_dir: str, warn=None) -> dict:
   if warn is None:
     warn = lambda line: print(line, file=sys.stderr, flush=True)
   done = {}
-  folder = _cells_dir(out_dir)
+  folder = cells_dir(out_dir)
   if not os.path.isdir(folder):
     return done
   for name in sorted(os.listdir(folder)):
@@ -184,12 +184,12 @@ def write_summary(out_dir: str, grid: Grid, done: dict, command: str,
 def run_sweep(grid: Grid, out_dir: str, command: str, *, progress: bool = True,
               log=print) -> dict:
   """Runs the grid's unfinished cells, writing each one as it finishes; returns the summary."""
-  os.makedirs(_cells_dir(out_dir), exist_ok=True)
+  os.makedirs(cells_dir(out_dir), exist_ok=True)
   done = load_done(out_dir)
   keys = {key for *_, key, _ in grid.cells()}
   already = len(keys & done.keys())
   if already:
-    log(f"resuming: {already} of {len(grid)} cells already done in {_cells_dir(out_dir)}")
+    log(f"resuming: {already} of {len(grid)} cells already done in {cells_dir(out_dir)}")
   todo = [cell for cell in grid.cells() if cell[3] not in done]
   bar = train.progress_bar(len(todo), progress, unit="cell")
   if progress:  # print above the bar, not through it
@@ -217,7 +217,7 @@ def run_sweep(grid: Grid, out_dir: str, command: str, *, progress: bool = True,
           else:
             run = runner.run(seed)
             record.update(status="ok", final_accuracy=run["final_accuracy"], run=run)
-          report.atomic_write_json(os.path.join(_cells_dir(out_dir), f"{key}.json"), record)
+          report.atomic_write_json(os.path.join(cells_dir(out_dir), f"{key}.json"), record)
           done[key] = record
           finished += 1
           bar.update(1)
@@ -290,12 +290,12 @@ def grid_from_args(args: argparse.Namespace) -> tuple[Grid, str]:
       overrides[key] = tuple(overrides[key])
   name = "sweep" if preset is None else f"sweep-{preset.name}"
   if preset is not None and attacks is None and num_byzantine is None:
-    settings = [(label, config.replace(**overrides)) for label, config in preset.configs()]
+    settings = [(label, config.replace(**overrides)) for label, config in train.preset_configs(preset)]
   else:
     if preset is not None and len(preset.settings) > 1:
       raise UsageError(f"preset {preset.name} has its own rows; drop --attacks / "
                        f"--num-byzantine or use a one-setting preset")
-    base = preset.configs()[0][1] if preset is not None else train.Config()
+    base = train.preset_configs(preset)[0][1] if preset is not None else train.Config()
     base = base.replace(**overrides)
     attacks = attacks or [base.attack]
     num_byzantine = num_byzantine or [base.num_byzantine]
@@ -313,14 +313,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if getattr(args, "list_presets", False):
     print(presets_lib.describe_all())
     return 0
-  try:
+
+  def body() -> int:
     grid, name = grid_from_args(args)
     for label, config in grid.settings:
       train.validate(config, allow_unavailable=True)
     out_dir = getattr(args, "out", os.path.join("results", name))
-    if getattr(args, "fresh", False) and os.path.isdir(_cells_dir(out_dir)):
+    if getattr(args, "fresh", False) and os.path.isdir(cells_dir(out_dir)):
       import shutil
-      shutil.rmtree(_cells_dir(out_dir))
+      shutil.rmtree(cells_dir(out_dir))
     command = "python -m experiments.sweep" + ("" if not argv else " " + shlex.join(argv))
     print(f"sweep: {len(grid.settings)} settings x {len(grid.rules)} rules x "
           f"{len(grid.seeds)} seeds = {len(grid)} cells -> {out_dir}", flush=True)
@@ -331,12 +332,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(markdown(summary, command))
     print(f"wrote {os.path.join(out_dir, 'table.md')}, results.json and heatmap.png")
     return 0
-  except (UsageError, train.data_lib.DataError, presets_lib.PresetError) as error:
-    print(f"error: {error}", file=sys.stderr)
-    return 2
-  except OSError as error:
-    print(report.write_error_line(error), file=sys.stderr)
-    return 1
+  return report.run_command(body, (UsageError, train.data_lib.DataError,
+                                  presets_lib.PresetError))
 
 
 if __name__ == "__main__":

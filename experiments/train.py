@@ -146,6 +146,24 @@ def validate(config: Config, *, allow_unavailable: bool = False) -> None:
 # Training.
 
 
+def preset_configs(preset: presets_lib.Preset, base: Optional[Config] = None) -> list:
+  """``[(label, Config)]``: each row of ``preset`` applied on top of ``base`` (the defaults)."""
+  base = base or Config()
+  return [(label, base.replace(**changes)) for label, changes in preset.rows()]
+
+
+def preset_config(preset: presets_lib.Preset, base: Optional[Config] = None) -> Config:
+  """The config of a one-setting preset (``experiments.train --preset``); a study of several
+  settings is a :class:`~experiments.presets.PresetError` that points to the sweep."""
+  configs = preset_configs(preset, base)
+  if len(configs) > 1:
+    raise presets_lib.PresetError(
+        f"preset {preset.name} is a study of {len(configs)} settings "
+        f"({', '.join(label for label, _ in configs)}): run it with "
+        f"python -m experiments.sweep --preset {preset.name}")
+  return configs[0][1]
+
+
 class Prepared(NamedTuple):
   """A setting's data and model functions, shared by every rule and seed."""
   dataset: data_lib.Dataset
@@ -216,28 +234,40 @@ class RuleRunner(NamedTuple):
   text: str = ""  # the rule spec it was built from
 
 
-def build_runner(config: Config, prepared: Prepared, rule_text: str) -> RuleRunner:
-  """Compiles (lazily) the training loop of one rule.
+class CompiledRule(NamedTuple):
+  """One rule's training step in one setting (what a runner and the leaderboard share)."""
+  spec: specs.Spec
+  tx: object          # the optax chain (pre-stages, aggregator, optimizer)
+  step: Callable      # flagjax.sim step(params, opt_state, batch, key)
+
+
+def make_attack_plan(config: Config, prepared: Prepared,
+                     rule: specs.Spec) -> specs.AttackPlan:
+  """``config.attack`` built for the simulator (adaptive attacks aimed at ``rule``)."""
+  return specs.make_attack(specs.parse_spec(config.attack, "attack"),
+                           num_workers=config.num_workers, num_byzantine=config.num_byzantine,
+                           num_classes=prepared.dataset.num_classes,
+                           rule=specs.rule_function(rule),
+                           rule_kwargs=specs.rule_kwargs(rule, config.rule_f))
+
+
+def build_step(config: Config, prepared: Prepared, rule_text: str,
+               plan: Optional[specs.AttackPlan] = None) -> CompiledRule:
+  """The optax chain and simulator step of one rule under ``config``'s attack (or ``plan``,
+  an attack the caller built).
 
   Raises:
     RuleUnavailable: the rule's bound on f is broken in this setting.
     UsageError: a bad rule or attack option.
   """
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
   import optax
   import flagjax
-  from experiments import models
 
   rule = specs.parse_spec(rule_text, "rule")
   n, f, rule_f = config.num_workers, config.num_byzantine, config.rule_f
   specs.check_rule(rule, n, rule_f)
-  attack = specs.parse_spec(config.attack, "attack")
-  plan = specs.make_attack(attack, num_workers=n, num_byzantine=f,
-                           num_classes=prepared.dataset.num_classes,
-                           rule=specs.rule_function(rule),
-                           rule_kwargs=specs.rule_kwargs(rule, rule_f))
+  if plan is None:
+    plan = make_attack_plan(config, prepared, rule)
   tx = optax.chain(*plan.pre,
                    specs.make_aggregator(rule, rule_f, n, config.worker_momentum),
                    *make_optimizer(config))
@@ -248,40 +278,74 @@ def build_runner(config: Config, prepared: Prepared, rule_text: str) -> RuleRunn
         data_attack=plan.data_attack, backend=config.backend, devices=devices)
   except ValueError as error:
     raise UsageError(str(error).splitlines()[0]) from None
+  return CompiledRule(rule, tx, step)
 
-  batch_size = config.batch_size
+
+def scan_steps(step: Callable, config: Config, params, opt_state, key, first_step, length: int,
+               shards, images, labels):
+  """``length`` training steps as one ``lax.scan`` (batches drawn inside, traceable).
+
+  Keys come from the step number (``fold_in(key, step)``), so how the steps are split into
+  chunks (``--eval-every``) or batched over runs (the leaderboard) does not change a run.
+  Returns ``(params, opt_state, mean honest loss, mean Byzantine weight)``; the weight is the
+  Byzantine rows' share of a Gram-space rule's coefficients (NaN for the other rules).
+  """
+  import jax
+  import jax.numpy as jnp
+  n, f = config.num_workers, config.num_byzantine
+
+  def body(carry, step_number):
+    params, opt_state = carry
+    batch_key, step_key = jax.random.split(jax.random.fold_in(key, step_number))
+    batch = data_lib.sample_batches(batch_key, shards, images, labels, config.batch_size)
+    params, opt_state, metrics = step(params, opt_state, batch, step_key)
+    coefficients = metrics["coefficients"]
+    byzantine_weight = jnp.sum(coefficients[n - f:]) / jnp.sum(coefficients)
+    return (params, opt_state), (metrics["honest_loss"], byzantine_weight)
+  (params, opt_state), (losses, weights) = jax.lax.scan(
+      body, (params, opt_state), first_step + jnp.arange(length))
+  return params, opt_state, jnp.mean(losses), jnp.mean(weights)
+
+
+def initial_state(config: Config, prepared: Prepared, tx, seed: int):
+  """``(params, opt_state, shards, key)`` of run ``seed``: the model drawn from the seed, the
+  data split from the seed and ``config.alpha`` (padded to a fixed width, so every split of
+  a dataset has one shape)."""
+  import jax
+  import jax.numpy as jnp
+  from experiments import models
+  _, params = models.functional(models.create(
+      config.model, prepared.dataset.image_shape, prepared.dataset.num_classes, seed))
+  shards = data_lib.partition(prepared.dataset.train_labels, config.num_workers, config.alpha,
+                              seed, width=len(prepared.dataset.train_labels))
+  shards = data_lib.WorkerShards(jnp.asarray(shards.indices), jnp.asarray(shards.sizes))
+  return params, tx.init(params), shards, jax.random.key(seed)
+
+
+def build_runner(config: Config, prepared: Prepared, rule_text: str) -> RuleRunner:
+  """Compiles (lazily) the training loop of one rule.
+
+  Raises:
+    RuleUnavailable: the rule's bound on f is broken in this setting.
+    UsageError: a bad rule or attack option.
+  """
+  import jax
+  import numpy as np
+
+  rule, tx, step = build_step(config, prepared, rule_text)
   chunks = {}
 
   def chunk_fn(length: int):
     """``length`` steps as one jitted ``lax.scan`` (batches drawn inside)."""
     if length not in chunks:
-      def run_chunk(params, opt_state, key, first_step, shards, images, labels):
-        def body(carry, step_number):
-          params, opt_state = carry
-          # Keys from the step number: --eval-every does not change the training run.
-          batch_key, step_key = jax.random.split(jax.random.fold_in(key, step_number))
-          batch = data_lib.sample_batches(batch_key, shards, images, labels, batch_size)
-          params, opt_state, metrics = step(params, opt_state, batch, step_key)
-          # The Byzantine rows' share of the aggregate's coefficients (NaN for rules that are
-          # not Gram-space): how much the attackers got through.
-          coefficients = metrics["coefficients"]
-          byzantine_weight = jnp.sum(coefficients[n - f:]) / jnp.sum(coefficients)
-          return (params, opt_state), (metrics["honest_loss"], byzantine_weight)
-        (params, opt_state), (losses, weights) = jax.lax.scan(
-            body, (params, opt_state), first_step + jnp.arange(length))
-        return params, opt_state, jnp.mean(losses), jnp.mean(weights)
-      chunks[length] = jax.jit(run_chunk)
+      chunks[length] = jax.jit(
+          lambda params, opt_state, key, first, shards, images, labels: scan_steps(
+              step, config, params, opt_state, key, first, length, shards, images, labels))
     return chunks[length]
 
   def run(seed: int, on_progress: Optional[Callable[[int, float], None]] = None) -> dict:
     start = time.perf_counter()
-    _, params = models.functional(models.create(
-        config.model, prepared.dataset.image_shape, prepared.dataset.num_classes, seed))
-    opt_state = tx.init(params)
-    shards = data_lib.partition(prepared.dataset.train_labels, n, config.alpha, seed,
-                                width=len(prepared.dataset.train_labels))
-    shards = data_lib.WorkerShards(jnp.asarray(shards.indices), jnp.asarray(shards.sizes))
-    key = jax.random.key(seed)
+    params, opt_state, shards, key = initial_state(config, prepared, tx, seed)
     # Entry k of every list belongs to steps[k]; the loss and weight at step 0 (no chunk run
     # yet) are None, so every list has one entry per evaluation.
     steps, accuracy, losses, weights = [0], [float(prepared.accuracy(params))], [None], [None]
@@ -515,6 +579,12 @@ attacks (--attack, with optional hyperparameters):
                            sign (Shejwalkar & Houmansadr, NDSS 2021)
   fang[:b=]                just beyond the honest extreme, against trimmed mean and median
                            (Fang et al., USENIX Security 2020)
+  min_max[:perturbation=]  mean + gamma * p, the largest gamma keeping every distance to an
+  min_sum[:perturbation=]  honest row within the honest diameter (min_sum: the sum of squared
+                           distances within the honest maximum); p = std (default), unit or
+                           sign (Shejwalkar & Houmansadr, NDSS 2021)
+  fang[:b=]                just beyond the honest extreme, against trimmed mean and median
+                           (Fang et al., USENIX Security 2020)
   label_flip               data attack: labels y -> 9 - y on the Byzantine workers
   augmented[:sigma=,num_iterations=,time=]   data attack: the paper's workers on augmented
                            data (Gaussian noise, Lotka-Volterra flow or cat map per batch);
@@ -629,7 +699,7 @@ def config_from_args(args: argparse.Namespace, base: Optional[Config] = None) ->
   """``base`` (or the preset's, or the defaults) overridden by the options given explicitly."""
   config = base or Config()
   if getattr(args, "preset", None):
-    config = presets_lib.get(args.preset).train_config(config)
+    config = preset_config(presets_lib.get(args.preset), config)
   changes = {k: getattr(args, k) for k in CONFIG_OPTIONS if hasattr(args, k)}
   for key in ("rules", "seeds"):
     if key in changes:
@@ -643,7 +713,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if getattr(args, "list_presets", False):
     print(presets_lib.describe_all())
     return 0
-  try:
+
+  def body() -> int:
     config = config_from_args(args)
     validate(config)
     out_dir = getattr(args, "out", "results")
@@ -667,12 +738,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     json_path, png_path = write_outputs(out_dir, name, config, rules, command, chance)
     print(f"\nwrote {json_path} and {png_path}")
     return 0
-  except (UsageError, data_lib.DataError, presets_lib.PresetError) as error:
-    print(f"error: {error}", file=sys.stderr)
-    return 2
-  except OSError as error:
-    print(report.write_error_line(error), file=sys.stderr)
-    return 1
+  return report.run_command(body, (UsageError, data_lib.DataError, presets_lib.PresetError))
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ import pytest
 
 from experiments import data
 from experiments import models
+from experiments import leaderboard
 from experiments import presets
 from experiments import report
 from experiments import specs
@@ -227,13 +228,13 @@ def test_attack_options_are_checked():
 
 def test_presets_resolve_to_valid_configs():
   for preset in presets.PRESETS.values():
-    for _, config in preset.configs():
+    for _, config in train.preset_configs(preset):
       train.validate(config)
-  assert [c.num_byzantine for _, c in presets.get("tolerance").configs()] == [1, 2, 3]
-  assert [(c.num_workers, c.num_byzantine) for _, c in presets.get("scaling").configs()] == [
-      (15, 3), (30, 6), (60, 12)]
+  assert [c.num_byzantine for _, c in train.preset_configs(presets.get("tolerance"))] == [1, 2, 3]
+  scaling = train.preset_configs(presets.get("scaling"))
+  assert [(c.num_workers, c.num_byzantine) for _, c in scaling] == [(15, 3), (30, 6), (60, 12)]
   with pytest.raises(presets.PresetError, match="experiments.sweep --preset readme"):
-    presets.get("readme").train_config()
+    train.preset_config(presets.get("readme"))
 
 
 def test_atomic_write_leaves_no_temporary_files(tmp_path):
@@ -408,3 +409,75 @@ def test_flag_convergence_reference_agrees_with_flag_on_a_tiny_case():
   # Both are minimisers of the same objective: they agree to well within 1%.
   assert abs(float(result.objective) - best) <= 1e-2 * best
   assert bool(result.converged)
+
+
+# ---------------------------------------------------------------------------------------------
+# The leaderboard: worst case over attacks, batched runs, killed and resumed.
+
+BOARD = ["--dataset", "synthetic", "--num-workers", "5", "--steps", "6", "--batch-size", "8",
+         "--rules", "mean", "bulyan", "median", "--f", "1", "--alphas", "iid", "0.5",
+         "--attacks", "sign_flip", "min_max", "--seeds", "0", "1", "--no-progress"]
+
+
+def test_leaderboard_worst_case_is_the_minimum_over_attacks():
+  board = leaderboard.Board(train.Config(), ["mean", "krum"], [1], [None], ["alie", "fang"],
+                            [0, 1])
+  done = {}
+  accuracies = {("mean", "alie"): (0.8, 0.6), ("mean", "fang"): (0.9, 0.3),
+                ("krum", "alie"): (0.5, 0.5), ("krum", "fang"): (0.7, 0.9)}
+  for (rule, attack), values in accuracies.items():
+    for seed, value in zip([0, 1], values):
+      key = sweep.cell_key(board.run_config(rule, 1, attack, None, seed))
+      done[key] = {"status": "ok", "final_accuracy": value}
+  summary = leaderboard.summarize(board, done)
+  by_rule = {cell["rule"]: cell for cell in summary["cells"]}
+  # mean: alie averages 0.7, fang 0.6, so fang is its worst; krum: alie 0.5 < fang 0.8.
+  assert by_rule["mean"]["worst_attack"] == "fang"
+  assert by_rule["mean"]["worst"]["mean"] == pytest.approx(0.6)
+  assert by_rule["mean"]["worst"]["std"] == pytest.approx(0.3)
+  assert by_rule["krum"]["worst_attack"] == "alie" and by_rule["krum"]["status"] == "ok"
+  del done[sweep.cell_key(board.run_config("krum", 1, "fang", None, 1))]
+  assert leaderboard.summarize(board, done)["cells"][1]["status"] == "partial"
+
+
+def test_leaderboard_killed_and_resumed_matches_one_at_a_time_training(tmp_path, capsys):
+  out = tmp_path / "board"
+  argv = BOARD + ["--out", str(out)]
+  process = subprocess.Popen([sys.executable, "-m", "experiments.leaderboard", *argv],
+                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             text=True)
+  try:
+    for line in process.stdout:
+      if line.startswith("[4/"):  # the first finished group: kill the run mid-grid
+        process.send_signal(signal.SIGKILL)
+        break
+  finally:
+    process.kill()
+    process.wait()
+  cells = out / "cells"
+  before = {p.name: p.stat().st_mtime_ns for p in cells.iterdir() if not p.name.startswith(".")}
+  assert 4 <= len(before) < 24, before
+
+  assert leaderboard.main(argv) == 0
+  log = capsys.readouterr().out
+  assert f"resuming: {len(before)} of 24 runs already done" in log
+  after = {p.name: p.stat().st_mtime_ns for p in cells.iterdir() if not p.name.startswith(".")}
+  assert len(after) == 24 and all(after[name] == mtime for name, mtime in before.items())
+  summary = json.loads((out / "leaderboard.json").read_text())
+  cells_by_rule = {(c["rule"], c["alpha"]): c for c in summary["cells"]}
+  assert cells_by_rule[("bulyan", None)]["status"] == "n/a"
+  for rule in ("mean", "median"):
+    for alpha in (None, 0.5):
+      cell = cells_by_rule[(rule, alpha)]
+      assert cell["status"] == "ok" and cell["worst_attack"] in ("sign_flip", "min_max")
+      assert cell["worst"]["mean"] == min(s["mean"] for s in cell["attacks"].values())
+  table = (out / "table.md").read_text()
+  assert "[1] n/a: bulyan needs n >= 4*f + 3, got n=5, f=1." in table
+  assert (out / "best-rule.png").exists() and (out / "heatmap-median.png").exists()
+  # A batched run is the run experiments.train does one at a time (same keys, same steps).
+  config = train.Config(dataset="synthetic", num_workers=5, num_byzantine=1, steps=6,
+                        eval_every=6, batch_size=8, alpha=0.5, attack="min_max",
+                        rules=("median",), seeds=(1,))
+  record = json.loads((cells / f"{sweep.cell_key(config)}.json").read_text())
+  alone = train.build_runner(config, train.prepare(config), "median").run(1)
+  assert record["final_accuracy"] == pytest.approx(alone["final_accuracy"], abs=1e-6)

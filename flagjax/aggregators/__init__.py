@@ -2,7 +2,8 @@
 
 Gram-space rules (coefficients from ``K = X X^T``): :func:`mean`, :func:`krum`,
 :func:`multi_krum`, :func:`geometric_median`, :func:`centered_clipping`, :func:`mda`,
-:func:`monna`, :func:`flag`; :func:`normalized_mean` (flag's scale without the subspace). Coordinate-wise rules (order statistics over the worker axis):
+:func:`monna`, :func:`flag`; :func:`normalized_mean` (flag's scale without the
+subspace). Coordinate-wise rules (order statistics over the worker axis):
 :func:`median`, :func:`trimmed_mean`, :func:`meamed`, :func:`phocas`; :func:`bulyan` uses both.
 """
 

@@ -1,0 +1,471 @@
+"""The robustness leaderboard: every rule against its worst attack, per f and heterogeneity.
+
+For each rule, each number of Byzantine workers ``f`` and each heterogeneity level, a cell is
+the **worst** final test accuracy over a set of attacks (mean over seeds; the spread is that
+attack's std over seeds), and names the attack that achieved it. ``--help`` is the manual.
+
+Fast because it is a grid: all runs of one (rule, f, attack) group, every heterogeneity
+level times every seed, share one compiled program, a ``jax.vmap`` over runs of a
+``lax.scan`` over steps (:func:`experiments.train.scan_steps`, the same training as
+``experiments.train``). Each finished run is written atomically as a cell of the sweep's
+store (``<out>/cells/<key>.json``, the key of :func:`experiments.sweep.cell_key`, so the
+leaderboard and ``experiments.sweep`` name a run alike); a killed run restarts where it
+stopped and never loses or duplicates a run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import os
+import shlex
+import sys
+import time
+from typing import Callable, Optional, Sequence
+
+from experiments import report
+from experiments import specs
+from experiments import sweep
+from experiments import train
+from experiments.specs import RuleUnavailable, UsageError
+
+# The worst case over these (DESIGN.md, "experiments, worst-case evaluation").
+DEFAULT_ATTACKS = ("sign_flip", "ipm", "alie", "optimal_alie", "optimal_ipm", "min_max",
+                   "min_sum", "fang", "label_flip", "gaussian")
+# Every rule of flagjax.aggregators, plus flag's released output scale: flag (scale="norm"),
+# flag:scale=rank and normalized_mean separate the subspace from the normalisation.
+DEFAULT_RULES = ("mean", "median", "trimmed_mean", "meamed", "phocas", "krum", "multi_krum",
+                 "bulyan", "geometric_median", "centered_clipping", "mda", "monna", "flag",
+                 "flag:scale=rank", "normalized_mean")
+DEFAULT_FS = (1, 3, 5, 7)
+DEFAULT_ALPHAS = (None, 1.0, 0.3, 0.1)   # None: IID
+DEFAULT_SEEDS = (0, 1, 2)
+DEFAULT_STEPS = 200
+
+# The main job: the setting that separates the rules (15 workers, 6 Byzantine, Dirichlet 0.3
+# non-IID shards), a few rules and attacks, in about a minute and a half on 2 cores.
+QUICK = dict(rules=("mean", "median", "krum", "geometric_median", "centered_clipping", "flag",
+                    "normalized_mean"),
+             fs=(6,), alphas=(0.3,), attacks=("sign_flip", "alie", "min_max"), seeds=(0, 1, 2),
+             steps=100)
+
+
+def alpha_label(alpha: Optional[float]) -> str:
+  return "IID" if alpha is None else f"Dir({alpha:g})"
+
+
+class Board:
+  """The grid: rules x f x heterogeneity x attacks x seeds on top of a base config."""
+
+  def __init__(self, base: train.Config, rules: Sequence[str], fs: Sequence[int],
+               alphas: Sequence[Optional[float]], attacks: Sequence[str],
+               seeds: Sequence[int]):
+    self.base = base
+    self.rules, self.fs, self.alphas = list(rules), list(fs), list(alphas)
+    self.attacks, self.seeds = list(attacks), list(seeds)
+    self.labels = [specs.parse_spec(r, "rule").label for r in self.rules]
+    self.attack_labels = [specs.parse_spec(a, "attack").label for a in self.attacks]
+
+  def run_config(self, rule: str, f: int, attack: str, alpha, seed: int) -> train.Config:
+    return self.base.replace(rules=(rule,), num_byzantine=f, attack=attack, alpha=alpha,
+                             seeds=(seed,))
+
+  def groups(self):
+    """``(rule, f, attack)`` groups in running order; each holds ``alphas x seeds`` runs."""
+    return itertools.product(self.rules, self.fs, self.attacks)
+
+  def runs(self, rule: str, f: int, attack: str):
+    """``[(alpha, seed, key, config)]`` of one group."""
+    out = []
+    for alpha in self.alphas:
+      for seed in self.seeds:
+        config = self.run_config(rule, f, attack, alpha, seed)
+        out.append((alpha, seed, sweep.cell_key(config), config))
+    return out
+
+  def __len__(self):
+    return (len(self.rules) * len(self.fs) * len(self.attacks) * len(self.alphas)
+            * len(self.seeds))
+
+
+def _stack(trees):
+  import jax
+  import jax.numpy as jnp
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
+
+
+def batched_runner(config: train.Config, prepared: train.Prepared, rule_text: str) -> Callable:
+  """``run(configs) -> [(final accuracy, mean honest loss)]`` for runs that differ only in
+  ``seed`` and ``alpha`` (one compiled program: ``vmap`` over runs of a ``scan`` over steps).
+
+  Raises:
+    RuleUnavailable: the rule's bound on f is broken.
+  """
+  import jax
+  import numpy as np
+
+  compiled = train.build_step(config, prepared, rule_text)
+
+  def one_run(params, opt_state, key, shards, images, labels):
+    params, _, loss, _ = train.scan_steps(compiled.step, config, params, opt_state, key, 0,
+                                          config.steps, shards, images, labels)
+    return prepared.accuracy(params), loss
+
+  batched = jax.jit(jax.vmap(one_run, in_axes=(0, 0, 0, 0, None, None)))
+
+  def run(configs: Sequence[train.Config]) -> list:
+    states = [train.initial_state(c, prepared, compiled.tx, c.seeds[0]) for c in configs]
+    params, opt_state, shards, keys = (_stack(part) for part in zip(*states))
+    accuracy, loss = batched(params, opt_state, keys, shards, prepared.train_images,
+                             prepared.train_labels)
+    return list(zip(np.asarray(accuracy).tolist(), np.asarray(loss).tolist()))
+  return run
+
+
+def _record(key: str, rule_label: str, f: int, attack_label: str, alpha, seed,
+            config: train.Config) -> dict:
+  return {"key": key, "setting": f"{attack_label}, f = {f}, {alpha_label(alpha)}",
+          "rule": rule_label, "attack": attack_label, "f": f, "alpha": alpha, "seed": seed,
+          "config": config.results_key()}
+
+
+def _eta(seconds: float) -> str:
+  seconds = int(round(seconds))
+  return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def run_board(board: Board, out_dir: str, command: str, *, progress: bool = True,
+              log=print) -> dict:
+  """Runs the missing runs group by group, each finished run written as it completes."""
+  cells = sweep.cells_dir(out_dir)
+  os.makedirs(cells, exist_ok=True)
+  done = sweep.load_done(out_dir)
+  total = len(board)
+  already = sum(1 for group in board.groups() for *_, key, _ in board.runs(*group)
+                if key in done)
+  if already:
+    log(f"resuming: {already} of {total} runs already done in {cells}")
+  bar = train.progress_bar(total - already, progress, unit="run")
+  if progress:
+    log = lambda line, _write=bar.write: _write(line, file=sys.stdout)
+  prepared = train.prepare(board.base)
+  start, computed, finished = time.perf_counter(), 0, already
+  timing = {"runs": 0, "seconds": 0.0}
+
+  try:
+    for rule, f, attack in board.groups():
+      runs = board.runs(rule, f, attack)
+      todo = [run for run in runs if run[2] not in done]
+      if not todo:
+        continue
+      rule_label = specs.parse_spec(rule, "rule").label
+      attack_label = specs.parse_spec(attack, "attack").label
+      tic = time.perf_counter()
+      try:
+        group_config = todo[0][3]
+        train.validate(group_config, allow_unavailable=True)
+        results = batched_runner(group_config, prepared, rule)([c for *_, c in todo])
+        reason = None
+      except RuleUnavailable as error:
+        results, reason = None, str(error)
+      seconds = time.perf_counter() - tic
+      for i, (alpha, seed, key, config) in enumerate(todo):
+        record = _record(key, rule_label, f, attack_label, alpha, seed, config)
+        if results is None:
+          record.update(status="n/a", reason=reason)
+        else:
+          accuracy, loss = results[i]
+          record.update(status="ok", final_accuracy=accuracy,
+                        honest_loss=None if not math.isfinite(loss) else loss,
+                        diverged=not math.isfinite(loss), batched_runs=len(todo),
+                        seconds_per_run=seconds / len(todo))
+        report.atomic_write_json(os.path.join(cells, f"{key}.json"), record)
+        done[key] = record
+      if results is not None:
+        timing["runs"] += len(todo)
+        timing["seconds"] += seconds
+      computed += len(todo)
+      finished += len(todo)
+      bar.update(len(todo))
+      elapsed = time.perf_counter() - start
+      eta = elapsed / computed * (total - finished)
+      result = "n/a" if results is None else f"{len(todo)} runs in {seconds:.1f} s"
+      log(f"[{finished}/{total}] {rule_label} | f = {f} | {attack_label}: {result} "
+          f"(elapsed {_eta(elapsed)}, ETA {_eta(eta)})")
+  finally:
+    bar.close()
+  return write_outputs(out_dir, board, done, command, timing)
+
+
+def summarize(board: Board, done: dict) -> dict:
+  """Per rule, f and heterogeneity: the worst attack's mean accuracy over seeds (or n/a)."""
+  cells = []
+  for rule, label in zip(board.rules, board.labels):
+    for f in board.fs:
+      for alpha in board.alphas:
+        per_attack, reason = {}, None
+        for attack, attack_label in zip(board.attacks, board.attack_labels):
+          records = [done.get(sweep.cell_key(board.run_config(rule, f, attack, alpha, seed)))
+                     for seed in board.seeds]
+          records = [r for r in records if r is not None]
+          if any(r["status"] == "n/a" for r in records):
+            reason = next(r["reason"] for r in records if r["status"] == "n/a")
+            continue
+          values = [r["final_accuracy"] for r in records if r["status"] == "ok"]
+          if values:
+            per_attack[attack_label] = report.summarize(values)
+        cell = {"rule": label, "f": f, "alpha": alpha, "attacks": per_attack}
+        if reason is not None:
+          cell.update(status="n/a", reason=reason)
+        elif not per_attack:
+          cell.update(status="pending")
+        else:
+          worst = min(per_attack, key=lambda a: per_attack[a]["mean"])
+          complete = len(per_attack) == len(board.attacks) and all(
+              s["n"] == len(board.seeds) for s in per_attack.values())
+          cell.update(status="ok" if complete else "partial", worst_attack=worst,
+                      worst=per_attack[worst])
+        cells.append(cell)
+  return {"rules": board.labels, "fs": board.fs, "alphas": board.alphas,
+          "attacks": board.attack_labels, "seeds": board.seeds, "cells": cells}
+
+
+def _cell(summary: dict, rule: str, f: int, alpha) -> dict:
+  return next(c for c in summary["cells"]
+              if c["rule"] == rule and c["f"] == f and c["alpha"] == alpha)
+
+
+def markdown(summary: dict, command: str, timing: Optional[dict] = None) -> str:
+  """One table per f: rows rules, columns heterogeneity, cells ``worst ± std (attack)``."""
+  lines = [f"Worst-case final test accuracy over the attacks {', '.join(summary['attacks'])} "
+           f"(mean ± std over seeds {', '.join(map(str, summary['seeds']))} of the attack "
+           f"with the lowest mean, named in each cell).", ""]
+  notes: list[str] = []
+  header = ["rule"] + [alpha_label(a) for a in summary["alphas"]]
+  for f in summary["fs"]:
+    rows = []
+    for rule in summary["rules"]:
+      row = [rule]
+      for alpha in summary["alphas"]:
+        cell = _cell(summary, rule, f, alpha)
+        if cell["status"] == "n/a":
+          if cell["reason"] not in notes:
+            notes.append(cell["reason"])
+          row.append(f"n/a [{notes.index(cell['reason']) + 1}]")
+        elif cell["status"] == "pending":
+          row.append("…")
+        else:
+          text = f"{report.format_accuracy(cell['worst'], digits=2)} ({cell['worst_attack']})"
+          row.append(text + (" (partial)" if cell["status"] == "partial" else ""))
+      rows.append(row)
+    lines += [f"**f = {f}**", "", report.markdown_table(header, rows), ""]
+  lines += [f"[{i + 1}] n/a: {note}." for i, note in enumerate(notes)]
+  if len(summary["fs"]) == 1 and len(summary["alphas"]) == 1:
+    # One cell per rule: show every attack, so the worst case can be read against the rest.
+    f, alpha = summary["fs"][0], summary["alphas"][0]
+    rows = []
+    for rule in summary["rules"]:
+      cell = _cell(summary, rule, f, alpha)
+      rows.append([rule] + [report.format_accuracy(cell["attacks"].get(a), digits=2)
+                            for a in summary["attacks"]])
+    lines += ["", f"Every attack (f = {f}, {alpha_label(alpha)}):", "",
+              report.markdown_table(["rule"] + list(summary["attacks"]), rows)]
+  if timing and timing.get("runs"):
+    lines += ["", f"Computed here: {timing['runs']} runs in {timing['seconds']:.0f} s "
+                  f"({timing['seconds'] / timing['runs']:.2f} s per run, batched)."]
+  lines += ["", "Produced by:", "", f"    {command}", ""]
+  return "\n".join(lines)
+
+
+def write_outputs(out_dir: str, board: Board, done: dict, command: str,
+                  timing: Optional[dict] = None) -> dict:
+  """``leaderboard.json``, ``table.md``, a heatmap per rule and the best-rule heatmap."""
+  import numpy as np
+  summary = summarize(board, done)
+  summary["command"] = command
+  report.atomic_write_json(os.path.join(out_dir, "leaderboard.json"), summary)
+  report.atomic_write_text(os.path.join(out_dir, "table.md"),
+                           markdown(summary, command, timing))
+  cols = [alpha_label(a) for a in board.alphas]
+  rows = [f"f = {f}" for f in board.fs]
+  best = np.full((len(board.fs), len(board.alphas)), np.nan)
+  best_text = np.full(best.shape, "n/a", dtype=object)
+  for rule in board.labels:
+    values = np.full(best.shape, np.nan)
+    for i, f in enumerate(board.fs):
+      for j, alpha in enumerate(board.alphas):
+        cell = _cell(summary, rule, f, alpha)
+        if cell["status"] in ("ok", "partial"):
+          values[i, j] = cell["worst"]["mean"]
+          if not values[i, j] <= best[i, j]:
+            best[i, j] = values[i, j]
+            best_text[i, j] = f"{rule}\n{values[i, j]:.2f}"
+    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in rule)
+    report.plot_heatmap(os.path.join(out_dir, f"heatmap-{safe}.png"), values, rows, cols,
+                        title=f"{rule}: worst-case test accuracy")
+  report.plot_heatmap(os.path.join(out_dir, "best-rule.png"), best, rows, cols,
+                      title="best rule per cell (worst case over attacks)", texts=best_text)
+  return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# The speed-up of batching, measured against today's experiments.sweep on the same runs.
+
+
+def measure_speedup(board: Board, out_dir: str, log=print) -> dict:
+  """Seconds per run: the first group batched, and the same runs through
+  ``experiments.sweep.run_sweep`` (one run at a time, one compilation per rule and setting),
+  in this process, into fresh folders under ``out_dir``."""
+  import shutil
+  rule, f, attack = next(iter(board.groups()))
+  one = Board(board.base, [rule], [f], board.alphas, [attack], board.seeds)
+  folders = {name: os.path.join(out_dir, f"speedup-{name}") for name in ("batched", "sweep")}
+  for folder in folders.values():
+    shutil.rmtree(folder, ignore_errors=True)
+  tic = time.perf_counter()
+  run_board(one, folders["batched"], "speed-up (batched)", progress=False, log=lambda _: None)
+  batched = (time.perf_counter() - tic) / len(one)
+  settings = [(alpha_label(a), board.base.replace(num_byzantine=f, attack=attack, alpha=a))
+              for a in board.alphas]
+  grid = sweep.Grid(settings, [rule], board.seeds)
+  tic = time.perf_counter()
+  sweep.run_sweep(grid, folders["sweep"], "speed-up (sweep)", progress=False,
+                  log=lambda _: None)
+  sequential = (time.perf_counter() - tic) / len(grid)
+  result = {"rule": rule, "f": f, "attack": attack, "runs": len(one),
+            "steps": board.base.steps, "batched_seconds_per_run": batched,
+            "sweep_seconds_per_run": sequential, "speedup": sequential / batched}
+  report.atomic_write_json(os.path.join(out_dir, "speedup.json"), result)
+  log(f"speed-up: {len(one)} runs of {rule} | f = {f} | {attack}, {board.base.steps} steps: "
+      f"{batched:.2f} s per run batched, {sequential:.2f} s per run through experiments.sweep "
+      f"({sequential / batched:.1f}x)")
+  return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+DESCRIPTION = """\
+The robustness leaderboard: which rule survives its worst attack? For every rule, every
+number of Byzantine workers f (--f) and every heterogeneity level (--alphas: IID, or a
+Dirichlet label split with that alpha; smaller is more heterogeneous), each run trains the
+digits MLP with n = --num-workers workers, the last f of them Byzantine and running one attack
+of --attacks. A cell of the leaderboard is the worst final test accuracy over the attacks
+(mean over --seeds of the attack whose mean is lowest; that attack is named in the cell).
+A rule whose bound on f is broken (e.g. krum needs n >= 2f + 3) shows n/a with the bound.
+
+Outputs in --out: cells/<key>.json (one per run, written atomically), leaderboard.json,
+table.md, heatmap-<rule>.png (f x heterogeneity) and best-rule.png. Runs of one
+(rule, f, attack) share one compiled program (vmap over runs, scan over steps). The
+leaderboard resumes: run the same command again after a crash or Ctrl-C and only the missing
+runs are computed; --fresh starts over.
+"""
+
+EPILOG = """\
+examples:
+  python -m experiments.leaderboard --quick              # the main job, ~1.5 minutes
+  python -m experiments.leaderboard                      # the default grid
+  python -m experiments.leaderboard --rules flag median --f 3 5 --attacks alie min_max
+  python -m experiments.leaderboard --quick --measure-speedup   # batched vs experiments.sweep
+
+Rule and attack specs are written as in experiments.train --help (e.g. flag:scale=rank,
+min_max:perturbation=sign). Defaults: every rule of flagjax.aggregators plus flag:scale=rank,
+f in 1 3 5 7, alphas iid 1.0 0.3 0.1, the attacks sign_flip ipm alie optimal_alie
+optimal_ipm min_max min_sum fang label_flip gaussian, seeds 0 1 2, 200 steps.
+"""
+
+
+def _alpha(text: str) -> Optional[float]:
+  if text.lower() == "iid":
+    return None
+  try:
+    return float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected 'iid' or a number, got {text!r}") from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(
+      prog="python -m experiments.leaderboard", description=DESCRIPTION, epilog=EPILOG,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--rules", nargs="+", metavar="SPEC", help="rules (default: all)")
+  parser.add_argument("--f", nargs="+", type=int, metavar="F", dest="fs",
+                      help="numbers of Byzantine workers (default: 1 3 5 7)")
+  parser.add_argument("--alphas", nargs="+", type=_alpha, metavar="ALPHA",
+                      help="heterogeneity: iid or Dirichlet alphas (default: iid 1.0 0.3 0.1)")
+  parser.add_argument("--attacks", nargs="+", metavar="SPEC",
+                      help="the attacks the worst case is taken over (default: the ten above)")
+  parser.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="default: 0 1 2")
+  parser.add_argument("--steps", type=int, help=f"training steps per run (default: "
+                      f"{DEFAULT_STEPS})")
+  parser.add_argument("--num-workers", type=int, default=15, help="n (default: 15)")
+  parser.add_argument("--dataset", default="digits", choices=train.data_lib.DATASETS,
+                      help="the data (default: digits, scikit-learn's, no download)")
+  parser.add_argument("--batch-size", type=int, default=train.Config.batch_size,
+                      help=f"examples per worker and step (default: {train.Config.batch_size})")
+  parser.add_argument("--lr", type=float, default=train.Config.lr,
+                      help=f"SGD learning rate (default: {train.Config.lr})")
+  parser.add_argument("--quick", action="store_true",
+                      help="the main job's small grid: 7 rules, f = 6, Dirichlet 0.3, the "
+                           "attacks sign_flip alie min_max, 3 seeds, 100 steps (about 1.5 "
+                           "minutes on 2 cores); other options override it")
+  parser.add_argument("--out", help="output folder (default: results/leaderboard or "
+                                    "results/leaderboard-quick)")
+  parser.add_argument("--fresh", action="store_true", help="delete finished runs in --out first")
+  parser.add_argument("--measure-speedup", action="store_true",
+                      help="also time the first group's runs batched and through "
+                           "experiments.sweep (one at a time), and report the ratio")
+  parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+  return parser
+
+
+def board_from_args(args: argparse.Namespace) -> Board:
+  quick = QUICK if args.quick else {}
+  pick = lambda name, default: tuple(getattr(args, name) or quick.get(name, default))
+  steps = args.steps or quick.get("steps", DEFAULT_STEPS)
+  base = train.Config(dataset=args.dataset, num_workers=args.num_workers, steps=steps,
+                      eval_every=steps, lr=args.lr, batch_size=args.batch_size)
+  board = Board(base, pick("rules", DEFAULT_RULES), pick("fs", DEFAULT_FS),
+                pick("alphas", DEFAULT_ALPHAS), pick("attacks", DEFAULT_ATTACKS),
+                pick("seeds", DEFAULT_SEEDS))
+  for rule in board.rules:
+    specs.rule_function(specs.parse_spec(rule, "rule"))
+  for attack in board.attacks:
+    specs.check_attack(specs.parse_spec(attack, "attack"))
+  for f in board.fs:
+    train.validate(base.replace(num_byzantine=f, rules=tuple(board.rules)),
+                   allow_unavailable=True)
+  for alpha in board.alphas:
+    train.validate(base.replace(alpha=alpha, num_byzantine=0), allow_unavailable=True)
+  return board
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  args = build_parser().parse_args(argv)
+
+  def body() -> int:
+    board = board_from_args(args)
+    out_dir = args.out or os.path.join("results",
+                                       "leaderboard-quick" if args.quick else "leaderboard")
+    if args.fresh:
+      import shutil
+      shutil.rmtree(sweep.cells_dir(out_dir), ignore_errors=True)
+    command = "python -m experiments.leaderboard" + ("" if not argv else " " + shlex.join(argv))
+    print(f"leaderboard: {len(board.rules)} rules x {len(board.fs)} f x {len(board.alphas)} "
+          f"heterogeneity x {len(board.attacks)} attacks x {len(board.seeds)} seeds = "
+          f"{len(board)} runs -> {out_dir}", flush=True)
+    summary = run_board(board, out_dir, command, progress=not args.no_progress,
+                        log=lambda line: print(line, flush=True))
+    print()
+    print(markdown(summary, command))
+    if args.measure_speedup:
+      measure_speedup(board, out_dir, log=lambda line: print(line, flush=True))
+    print(f"wrote {os.path.join(out_dir, 'table.md')}, leaderboard.json and heatmaps")
+    return 0
+  return report.run_command(body, (UsageError, train.data_lib.DataError))
+
+
+if __name__ == "__main__":
+  sys.exit(main())
