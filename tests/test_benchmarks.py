@@ -64,12 +64,13 @@ def test_bench_aggregators_help_and_bad_names(capsys):
 
 def test_bench_throughput_tiny(tmp_path):
   results = bench_throughput.main([
-      "--rules", "mean,median", "--backends", "vmap,shard_map", "--steps", "2",
+      "--rules", "median", "--backends", "vmap,shard_map", "--steps", "2",
       "--reps", "1", "--out", str(tmp_path), "--quiet"])
   assert os.path.getsize(tmp_path / "throughput.json") > 0
   assert os.path.getsize(tmp_path / "throughput.md") > 0
+  # (the plain-averaging reference is timed beside every rule, listed or not)
   assert [(r["backend"], r["rule"]) for r in results["records"]] == [
-      ("vmap", "mean"), ("vmap", "median"), ("shard_map", "mean"), ("shard_map", "median")]
+      ("vmap", "median"), ("shard_map", "median")]
   for record in results["records"]:
     assert "status" not in record, record
     assert _positive_finite(record["ratio_to_mean"])

@@ -136,7 +136,9 @@ class BackendAgreementTest(chex.TestCase):
 
   @parameterized.named_parameters(
       (f"{rule}_{n}_workers", rule, n, f, attack_name)
-      for rule in RULES for n, f, attack_name in ((16, 3, "alie"), (8, 1, "min_max")))
+      for rule in RULES for n, f, attack_name in ((16, 3, "alie"), (8, 1, "min_max"))
+      # 8 workers with min_max (a psum-ed Gram inside the attack): one rule of each family.
+      if n == 16 or rule in ("median", "krum", "flag"))
   def test_backends_agree(self, rule, n, f, attack_name):
     rule_fn, hparams = RULES[rule]
     # min_max needs the Gram of the honest shards psum-ed: the sharded backends pass axis_name.
