@@ -250,9 +250,7 @@ def markdown(summary: dict, command: str, timing: Optional[dict] = None) -> str:
       for alpha in summary["alphas"]:
         cell = _cell(summary, rule, f, alpha)
         if cell["status"] == "n/a":
-          if cell["reason"] not in notes:
-            notes.append(cell["reason"])
-          row.append(f"n/a [{notes.index(cell['reason']) + 1}]")
+          row.append(report.footnote(notes, cell["reason"]))
         elif cell["status"] == "pending":
           row.append("…")
         else:

@@ -97,6 +97,14 @@ def format_accuracy(summary: Optional[dict], digits: int = 3) -> str:
   return f"{summary['mean']:.{digits}f}"
 
 
+def footnote(notes: list, reason: str) -> str:
+  """``"n/a [k]"`` for ``reason``, numbering each distinct reason once (appended to
+  ``notes``, which a table prints below itself as ``[k] n/a: reason.``)."""
+  if reason not in notes:
+    notes.append(reason)
+  return f"n/a [{notes.index(reason) + 1}]"
+
+
 def text_table(header: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
   """A plain aligned table for the terminal."""
   rows = [list(map(str, r)) for r in rows]

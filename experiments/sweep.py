@@ -140,9 +140,7 @@ def markdown(summary: dict, command: str) -> str:
     for label in summary["rules"]:
       entry = row["rules"][label]
       if entry["status"] == "n/a":
-        if entry["reason"] not in notes:
-          notes.append(entry["reason"])
-        cells.append(f"n/a [{notes.index(entry['reason']) + 1}]")
+        cells.append(report.footnote(notes, entry["reason"]))
       elif entry["status"] == "pending":
         cells.append("…")
       else:

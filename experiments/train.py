@@ -579,12 +579,6 @@ attacks (--attack, with optional hyperparameters):
                            sign (Shejwalkar & Houmansadr, NDSS 2021)
   fang[:b=]                just beyond the honest extreme, against trimmed mean and median
                            (Fang et al., USENIX Security 2020)
-  min_max[:perturbation=]  mean + gamma * p, the largest gamma keeping every distance to an
-  min_sum[:perturbation=]  honest row within the honest diameter (min_sum: the sum of squared
-                           distances within the honest maximum); p = std (default), unit or
-                           sign (Shejwalkar & Houmansadr, NDSS 2021)
-  fang[:b=]                just beyond the honest extreme, against trimmed mean and median
-                           (Fang et al., USENIX Security 2020)
   label_flip               data attack: labels y -> 9 - y on the Byzantine workers
   augmented[:sigma=,num_iterations=,time=]   data attack: the paper's workers on augmented
                            data (Gaussian noise, Lotka-Volterra flow or cat map per batch);

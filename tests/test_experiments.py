@@ -317,22 +317,29 @@ def test_bad_options_end_with_one_line(tmp_path, capsys, options, message):
   assert __import__("re").search(message, err), err
 
 
-def test_sweep_killed_and_resumed_loses_and_duplicates_nothing(tmp_path, capsys):
-  out = tmp_path / "sweep"
-  argv = TINY + ["--rules", "mean", "bulyan", "median", "--attacks", "sign_flip",
-                 "-f", "1", "2", "--out", str(out)]
-  process = subprocess.Popen([sys.executable, "-m", "experiments.sweep", *argv], cwd=REPO,
+def kill_after(module: str, argv, prefix: str, folder) -> dict:
+  """Runs ``python -m <module> argv``, SIGKILLs it at the first output line starting with
+  ``prefix``, and returns ``{file name: mtime}`` of the finished files in ``folder``."""
+  process = subprocess.Popen([sys.executable, "-m", module, *argv], cwd=REPO,
                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
   try:
     for line in process.stdout:
-      if line.startswith("cell "):  # the first finished cell: kill the sweep mid-run
+      if line.startswith(prefix):
         process.send_signal(signal.SIGKILL)
         break
   finally:
     process.kill()
     process.wait()
+  return {p.name: p.stat().st_mtime_ns for p in folder.iterdir() if not p.name.startswith(".")}
+
+
+def test_sweep_killed_and_resumed_loses_and_duplicates_nothing(tmp_path, capsys):
+  out = tmp_path / "sweep"
+  argv = TINY + ["--rules", "mean", "bulyan", "median", "--attacks", "sign_flip",
+                 "-f", "1", "2", "--out", str(out)]
   cells = out / "cells"
-  before = {p.name: p.stat().st_mtime_ns for p in cells.iterdir() if not p.name.startswith(".")}
+  # Killed at the first finished cell, mid-run.
+  before = kill_after("experiments.sweep", argv, "cell ", cells)
   assert 1 <= len(before) < 6, before
 
   assert sweep.main(argv) == 0
@@ -443,19 +450,9 @@ def test_leaderboard_worst_case_is_the_minimum_over_attacks():
 def test_leaderboard_killed_and_resumed_matches_one_at_a_time_training(tmp_path, capsys):
   out = tmp_path / "board"
   argv = BOARD + ["--out", str(out)]
-  process = subprocess.Popen([sys.executable, "-m", "experiments.leaderboard", *argv],
-                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                             text=True)
-  try:
-    for line in process.stdout:
-      if line.startswith("[4/"):  # the first finished group: kill the run mid-grid
-        process.send_signal(signal.SIGKILL)
-        break
-  finally:
-    process.kill()
-    process.wait()
   cells = out / "cells"
-  before = {p.name: p.stat().st_mtime_ns for p in cells.iterdir() if not p.name.startswith(".")}
+  # Killed at the first finished group, mid-grid.
+  before = kill_after("experiments.leaderboard", argv, "[4/", cells)
   assert 4 <= len(before) < 16, before
 
   assert leaderboard.main(argv) == 0
