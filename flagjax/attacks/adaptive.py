@@ -210,7 +210,7 @@ def optimal_ipm(rule: Callable, *, search_range: tuple[float, float] = (0.0, 10.
 PERTURBATIONS = ("unit", "std", "sign")
 
 
-def _perturbation(name: str, perturbation: str, honest32: PyTree, mean32: PyTree, h: int,
+def _perturbation(perturbation: str, honest32: PyTree, mean32: PyTree, h: int,
                   axis_name) -> PyTree:
   r"""``p``: ``"unit"`` :math:`-\mu/|\mu|`, ``"std"`` :math:`-\sigma`, ``"sign"``
   :math:`-\mathrm{sign}(\mu)` (the norm of ``mu`` ``psum``-ed over coordinate shards)."""
@@ -218,18 +218,13 @@ def _perturbation(name: str, perturbation: str, honest32: PyTree, mean32: PyTree
     return jax.tree.map(jnp.negative, honest_std(honest32, mean32, h))
   if perturbation == "sign":
     return jax.tree.map(lambda m: -jnp.sign(m), mean32)
-  # |mu| from mu / peak (peak = its largest magnitude): no overflow for huge means.
-  peak = jnp.float32(0)
-  for m in jax.tree.leaves(mean32):
-    peak = jnp.maximum(peak, jnp.max(jnp.abs(m)).astype(jnp.float32))
-  if axis_name is not None:
-    peak = jax.lax.pmax(peak, axis_name)
-  peak_inverse = jnp.where(peak > 0, 1.0 / jnp.where(peak > 0, peak, 1.0), 0.0)
-  sq = sum(jnp.sum(jnp.square(m * peak_inverse.astype(m.dtype))) for m in jax.tree.leaves(mean32))
+  # -mu / |mu| = -(mu / s) / |mu / s|, s a power of two at mu's largest magnitude: no
+  # overflow of |mu|^2 for huge means.
+  inverse_peak = 1 / _power_of_two_peak(mean32, axis_name)
+  sq = sum(jnp.sum(jnp.square(m * inverse_peak.astype(m.dtype))) for m in jax.tree.leaves(mean32))
   if axis_name is not None:
     sq = jax.lax.psum(sq, axis_name)
-  # -mu / |mu| = -(mu / peak) / |mu / peak|.
-  inverse = jnp.where(sq > 0, jax.lax.rsqrt(jnp.where(sq > 0, sq, 1.0)), 0.0) * peak_inverse
+  inverse = jnp.where(sq > 0, jax.lax.rsqrt(jnp.where(sq > 0, sq, 1.0)), 0.0) * inverse_peak
   return jax.tree.map(lambda m: -m * inverse.astype(m.dtype), mean32)
 
 
@@ -280,7 +275,7 @@ def _manipulation(name: str, gamma_fn, honest: PyTree, f, perturbation: str, axi
   mean32 = honest_mean(honest32, h)
   if f == 0:
     return repeat_row(mean32, 0, honest)
-  p = _perturbation(name, perturbation, honest32, mean32, h, axis_name)
+  p = _perturbation(perturbation, honest32, mean32, h, axis_name)
   G, ratio = _centred_gram(honest32, mean32, p, axis_name)
   a = G[h, h]                                  # |p|^2
   c = G[:h, h]                                 # <x_i - mu, p>, so <mu - x_i, p> = -c
