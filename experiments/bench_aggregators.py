@@ -148,6 +148,17 @@ def _dspace_flag(lam: float):
   return build
 
 
+# The randomised rules' key in the benchmark (their cost does not depend on it).
+_BENCH_KEY = jax.random.key(0)
+
+
+def _largest_searchable_f(n: int) -> int:
+  """The largest f whose exact subset search (SMEA, MDA) stays within its stated limit."""
+  from flagjax.core import subsets
+  return max(f for f in range(n) if f == 0 or (n > 2 * f and
+                                                math.comb(n, f) <= subsets.MAX_SUBSETS))
+
+
 RULES = (
     Rule("mean", "Gram space", lambda n, f: aggregators.mean,
          byzfl=_byzfl_fresh("Average")),
@@ -175,6 +186,15 @@ RULES = (
          byzfl=_byzfl_with_f("NNM"), byzfl_memory=lambda n, f: n - f),
     Rule("arc", "pre-aggregator", lambda n, f: lambda x: preaggregators.arc(x, f),
          byzfl=_byzfl_with_f("ARC")),
+    Rule("caf", "Gram space", lambda n, f: lambda x: aggregators.caf(x, f),
+         byzfl=_byzfl_with_f("CAF")),
+    Rule("smea", "Gram space", lambda n, f: lambda x: aggregators.smea(x, f),
+         byzfl=_byzfl_with_f("SMEA"), max_f=_largest_searchable_f),
+    Rule("dnc", "sampled Gram", lambda n, f: lambda x: aggregators.dnc(x, f, _BENCH_KEY)),
+    Rule("signguard", "sampled signs", lambda n, f: lambda x: aggregators.signguard(
+        x, _BENCH_KEY)),
+    Rule("clipped_clustering", "Gram space", lambda n, f: aggregators.clipped_clustering),
+    Rule("fltrust", "norms + one product", lambda n, f: lambda x: aggregators.fltrust(x, x[0])),
     Rule("flag", "Gram space", _flag(0.0), dspace=_dspace_flag(0.0), fixed_iters=True),
     Rule("flag(lam=8)", "Gram space", _flag(8.0), dspace=_dspace_flag(8.0), dspace_pairs=True,
          fixed_iters=True),
@@ -354,7 +374,7 @@ def bench_cell(n: int, d: int, rules: Sequence[Rule], libraries: dict, args,
       elif rule.byzfl_memory(n, f) * n * d * 4 > fits["bytes"]:
         reference_reasons["byzfl"] = (f"skipped (memory: ByzFL's {rule.name} holds "
                                       f"{rule.byzfl_memory(n, f)}x the input)")
-      elif rule.name == "mda" and math.comb(n, f) > args.byzfl_max_subsets:
+      elif rule.name in ("mda", "smea") and math.comb(n, f) > args.byzfl_max_subsets:
         reference_reasons["byzfl"] = (f"skipped (C({n},{f}) = {math.comb(n, f):.2e} subsets "
                                       f"> --byzfl-max-subsets)")
       else:

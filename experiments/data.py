@@ -348,15 +348,47 @@ def dirichlet_partition(labels: np.ndarray, num_workers: int, alpha: float, seed
 
 
 def partition(labels: np.ndarray, num_workers: int, alpha: Optional[float], seed: int,
-              width: Optional[int] = None) -> WorkerShards:
+              width: Optional[int] = None,
+              exclude: Optional[np.ndarray] = None) -> WorkerShards:
   """IID shards when ``alpha`` is None, else :func:`dirichlet_partition`.
 
   ``width`` pads the index table to a fixed number of columns (e.g. the training-set size), so
   that every seed's shards have the same shape and a compiled training loop is reused.
+  ``exclude``: example indices no worker gets (the server's root set); the others are split
+  as above and the indices refer to the full training set.
   """
+  labels = np.asarray(labels)
+  if exclude is not None and len(exclude):
+    kept = np.setdiff1d(np.arange(len(labels)), exclude)
+    shards = partition(labels[kept], num_workers, alpha, seed, width)
+    return WorkerShards(kept[shards.indices].astype(np.int32), shards.sizes)
   if alpha is None:
     return iid_partition(len(labels), num_workers, seed, width)
   return dirichlet_partition(labels, num_workers, alpha, seed, width=width)
+
+
+def root_set(labels: np.ndarray, size: int, seed: int = 0) -> np.ndarray:
+  """The server's clean root examples: ``size`` training indices, each class in proportion
+  to its share of the training set (FLTrust's root dataset, Cao et al., NDSS 2021: 100
+  examples by default), drawn with a fixed ``seed``, sorted.
+
+  Each class gets ``floor(size * share)`` examples and the remainder goes to the classes
+  with the largest fractional parts, so exactly ``min(size, len(labels))`` come back
+  (FLPoison floors the quotas and may return fewer).
+  """
+  labels = np.asarray(labels)
+  size = min(max(int(size), 0), len(labels))
+  if size == 0:
+    return np.zeros((0,), np.int64)
+  rng = np.random.default_rng(seed)
+  classes, counts = np.unique(labels, return_counts=True)
+  exact = size * counts / counts.sum()
+  quota = np.floor(exact).astype(int)
+  for k in np.argsort(-(exact - quota), kind="stable")[:size - quota.sum()]:
+    quota[k] += 1
+  chosen = [rng.choice(np.flatnonzero(labels == c), q, replace=False)
+            for c, q in zip(classes, quota) if q]
+  return np.sort(np.concatenate(chosen))
 
 
 def sample_batches(key: jax.Array, shards: WorkerShards, images: jax.Array,

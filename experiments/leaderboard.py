@@ -37,7 +37,8 @@ DEFAULT_ATTACKS = ("sign_flip", "ipm", "alie", "optimal_alie", "optimal_ipm", "m
 # flag:scale=rank and normalized_mean separate the subspace from the normalisation.
 DEFAULT_RULES = ("mean", "median", "trimmed_mean", "meamed", "phocas", "krum", "multi_krum",
                  "bulyan", "geometric_median", "centered_clipping", "mda", "monna", "flag",
-                 "flag:scale=rank", "normalized_mean")
+                 "flag:scale=rank", "normalized_mean", "caf", "smea", "dnc", "signguard",
+                 "clipped_clustering", "fltrust")
 DEFAULT_FS = (1, 3, 5, 7)
 DEFAULT_ALPHAS = (None, 1.0, 0.3, 0.1)   # None: IID
 DEFAULT_SEEDS = (0, 1, 2)
@@ -115,7 +116,9 @@ def batched_runner(config: train.Config, prepared: train.Prepared, rule_text: st
   batched = jax.jit(jax.vmap(one_run, in_axes=(0, 0, 0, 0, None, None)))
 
   def run(configs: Sequence[train.Config]) -> list:
-    states = [train.initial_state(c, prepared, compiled.tx, c.seeds[0]) for c in configs]
+    server = specs.takes_server_update(compiled.spec)
+    states = [train.initial_state(c, prepared, compiled.tx, c.seeds[0], server=server)
+              for c in configs]
     params, opt_state, shards, keys = (_stack(part) for part in zip(*states))
     accuracy, loss = batched(params, opt_state, keys, shards, prepared.train_images,
                              prepared.train_labels)

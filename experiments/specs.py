@@ -22,7 +22,8 @@ import flagjax
 
 RULES = ("mean", "median", "trimmed_mean", "meamed", "phocas", "krum", "multi_krum",
          "bulyan", "geometric_median", "centered_clipping", "mda", "monna", "flag",
-         "normalized_mean", "flag_released")
+         "normalized_mean", "caf", "smea", "dnc", "signguard", "clipped_clustering",
+         "fltrust", "flag_released")
 # Rules that live in experiments/ (reference ports), not in flagjax.aggregators.
 _EXPERIMENT_RULES = {"flag_released": ("experiments.flag_released", "flag_released")}
 # The comparison of the paper's study (and of the issue): the default of --rules.
@@ -114,6 +115,12 @@ def takes_f(rule: Callable) -> bool:
   return "f" in _keyword_names(rule)
 
 
+def takes_server_update(spec: Spec) -> bool:
+  """Whether the rule needs the server's own update (FLTrust): its runs give the server a
+  root batch (``make_train_step(server_batch=...)``)."""
+  return "server_update" in _keyword_names(rule_function(spec))
+
+
 def rule_kwargs(spec: Spec, f: int) -> dict:
   """The keyword arguments the rule is called with: its hyperparameters and ``f`` if it has one.
 
@@ -121,7 +128,8 @@ def rule_kwargs(spec: Spec, f: int) -> dict:
     UsageError: an unknown hyperparameter, or ``f`` given as a hyperparameter.
   """
   rule = rule_function(spec)
-  accepted = [k for k in _keyword_names(rule) if k not in ("x", "axis_name", "f", "key")]
+  accepted = [k for k in _keyword_names(rule)
+              if k not in ("x", "axis_name", "f", "key", "server_update")]
   for key in spec.kwargs:
     if key == "f":
       raise UsageError(f"{spec.name}: f is not a hyperparameter; set the f the rules assume "
@@ -143,9 +151,17 @@ def check_rule(spec: Spec, num_workers: int, f: int) -> None:
   """
   rule = rule_function(spec)
   kwargs = rule_kwargs(spec, f)
+  names = _keyword_names(rule)
+
+  def traced(x):
+    extra = {}
+    if "key" in names:            # a randomised rule gets the step's key from the aggregator
+      extra["key"] = jax.random.key(0)
+    if "server_update" in names:  # and FLTrust the server's update
+      extra["server_update"] = x[0]
+    return rule(x, **kwargs, **extra)
   try:
-    jax.eval_shape(lambda x: rule(x, **kwargs),
-                   jax.ShapeDtypeStruct((num_workers, 4), jnp.float32))
+    jax.eval_shape(traced, jax.ShapeDtypeStruct((num_workers, 4), jnp.float32))
   except ValueError as error:
     raise RuleUnavailable(str(error).splitlines()[0]) from None
   except TypeError as error:

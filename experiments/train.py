@@ -55,6 +55,8 @@ class Config:
   devices: Optional[int] = None
   data_dir: Optional[str] = None
   offline: bool = False
+  # FLTrust's root data: training examples the server holds, kept out of every worker's shard.
+  server_examples: int = 100
 
   @property
   def rule_f(self) -> int:
@@ -75,6 +77,8 @@ class Config:
     out = self.to_json()
     out.pop("data_dir")
     out.pop("offline")
+    if not any(specs.takes_server_update(specs.parse_spec(rule, "rule")) for rule in self.rules):
+      out.pop("server_examples")  # only runs that give the server data depend on it
     return out
 
 
@@ -123,6 +127,8 @@ def validate(config: Config, *, allow_unavailable: bool = False) -> None:
       raise UsageError(f"{name} must be >= 1, got {value}")
   if not config.seeds:
     raise UsageError("--seeds needs at least one seed")
+  if config.server_examples < 1:
+    raise UsageError(f"--server-examples must be >= 1, got {config.server_examples}")
   if config.alpha is not None and not config.alpha > 0:
     raise UsageError(f"--alpha must be > 0 (or iid), got {config.alpha}")
   if not config.lr > 0:
@@ -172,6 +178,8 @@ class Prepared(NamedTuple):
   apply: Callable
   loss_fn: Callable
   accuracy: Callable
+  server_indices: object = None   # the server's root examples (np int array), see root_set
+  server_batch: object = None      # {"image", "label"} of those examples
 
 
 def prepare(config: Config) -> Prepared:
@@ -184,9 +192,12 @@ def prepare(config: Config) -> Prepared:
                                              dataset.num_classes, 0))
   accuracy = models.make_accuracy_fn(apply, jnp.asarray(dataset.test_images),
                                      jnp.asarray(dataset.test_labels))
+  server = data_lib.root_set(dataset.train_labels, config.server_examples)
+  server_batch = {"image": jnp.asarray(dataset.train_images[server]),
+                  "label": jnp.asarray(dataset.train_labels[server])}
   return Prepared(dataset, jnp.asarray(dataset.train_images),
                   jnp.asarray(dataset.train_labels), apply, models.make_loss_fn(apply),
-                  accuracy)
+                  accuracy, server, server_batch)
 
 
 def make_optimizer(config: Config):
@@ -272,10 +283,12 @@ def build_step(config: Config, prepared: Prepared, rule_text: str,
                    specs.make_aggregator(rule, rule_f, n, config.worker_momentum),
                    *make_optimizer(config))
   devices = None if config.backend == "vmap" else _sharded_devices(config)
+  server_batch = prepared.server_batch if specs.takes_server_update(rule) else None
   try:
     step = flagjax.sim.make_train_step(
         prepared.loss_fn, tx, num_workers=n, num_byzantine=f, attack=plan.attack,
-        data_attack=plan.data_attack, backend=config.backend, devices=devices)
+        data_attack=plan.data_attack, backend=config.backend, devices=devices,
+        server_batch=server_batch)
   except ValueError as error:
     raise UsageError(str(error).splitlines()[0]) from None
   return CompiledRule(rule, tx, step)
@@ -307,17 +320,20 @@ def scan_steps(step: Callable, config: Config, params, opt_state, key, first_ste
   return params, opt_state, jnp.mean(losses), jnp.mean(weights)
 
 
-def initial_state(config: Config, prepared: Prepared, tx, seed: int):
+def initial_state(config: Config, prepared: Prepared, tx, seed: int,
+                  server: bool = False):
   """``(params, opt_state, shards, key)`` of run ``seed``: the model drawn from the seed, the
   data split from the seed and ``config.alpha`` (padded to a fixed width, so every split of
-  a dataset has one shape)."""
+  a dataset has one shape). With ``server`` (a rule that takes the server's update), the
+  server's root examples (``prepared.server_indices``) are kept out of every shard."""
   import jax
   import jax.numpy as jnp
   from experiments import models
   _, params = models.functional(models.create(
       config.model, prepared.dataset.image_shape, prepared.dataset.num_classes, seed))
   shards = data_lib.partition(prepared.dataset.train_labels, config.num_workers, config.alpha,
-                              seed, width=len(prepared.dataset.train_labels))
+                              seed, width=len(prepared.dataset.train_labels),
+                              exclude=prepared.server_indices if server else None)
   shards = data_lib.WorkerShards(jnp.asarray(shards.indices), jnp.asarray(shards.sizes))
   return params, tx.init(params), shards, jax.random.key(seed)
 
@@ -345,7 +361,8 @@ def build_runner(config: Config, prepared: Prepared, rule_text: str) -> RuleRunn
 
   def run(seed: int, on_progress: Optional[Callable[[int, float], None]] = None) -> dict:
     start = time.perf_counter()
-    params, opt_state, shards, key = initial_state(config, prepared, tx, seed)
+    params, opt_state, shards, key = initial_state(config, prepared, tx, seed,
+                                                   server=specs.takes_server_update(rule))
     # Entry k of every list belongs to steps[k]; the loss and weight at step 0 (no chunk run
     # yet) are None, so every list has one entry per evaluation.
     steps, accuracy, losses, weights = [0], [float(prepared.accuracy(params))], [None], [None]
@@ -650,6 +667,10 @@ def build_parser() -> argparse.ArgumentParser:
                  help=f"what the Byzantine workers do, see below (default: {d.attack})")
   g.add_argument("--rules", nargs="+", metavar="SPEC",
                  help=f"rules to compare (default: {' '.join(d.rules)})")
+  g.add_argument("--server-examples", type=int, metavar="K",
+                 help="training examples the server holds for rules that use its update "
+                      "(fltrust), kept out of every worker's shard in those runs "
+                      f"(default: {d.server_examples})")
   g = parser.add_argument_group("training")
   g.add_argument("--steps", type=int, help=f"training steps (default: {d.steps})")
   g.add_argument("--batch-size", type=int, metavar="B",

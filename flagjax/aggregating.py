@@ -289,6 +289,11 @@ def aggregate(rule: Callable, *, worker_momentum: Optional[float] = None,
     pre-aggregator (e.g. bucketing, as Karimireddy et al. 2022 do), put
     :func:`worker_momentum` in front of :func:`preaggregate` instead.
 
+  * A rule with a ``server_update`` argument (FLTrust) not given one in ``hparams`` takes
+    the ``server_update=`` passed to ``update`` (in params layout; its shard is taken with
+    ``scatter`` when sharded). :func:`flagjax.sim.make_train_step` passes it when built
+    with ``server_batch=``.
+
   Bounds are checked when ``update`` is traced, with the rule's own ``ValueError``.
 
   Args:
@@ -333,6 +338,8 @@ def aggregate(rule: Callable, *, worker_momentum: Optional[float] = None,
   has_center = _takes(rule, "center")
   fixed_center = hparams.pop("center", _PREVIOUS) if has_center else _PREVIOUS
   keeps_center = has_center and fixed_center is _PREVIOUS
+  # A rule that takes the server's update (FLTrust) gets it at update time, unless fixed here.
+  wants_server = _takes(rule, "server_update") and "server_update" not in hparams
 
   def init_fn(params):
     return AggregateState(
@@ -344,10 +351,10 @@ def aggregate(rule: Callable, *, worker_momentum: Optional[float] = None,
 
   def update_fn(updates, state, params=None, *, axis_name=None, gather=None, scatter=None,
                 key=None, **extra_args):
-    del params, extra_args
+    del params
     sharded = axis_name is not None
     _check_sharding(name, axis_name, gather, scatter,
-                    need_scatter=worker_momentum is not None or has_center)
+                    need_scatter=worker_momentum is not None or has_center or wants_server)
     n = tree_lib.num_workers(rule_name, updates)
     if num_workers is not None and n != num_workers:
       raise ValueError(f"{name} was built with num_workers={num_workers}, got n={n} rows")
@@ -362,7 +369,15 @@ def aggregate(rule: Callable, *, worker_momentum: Optional[float] = None,
       center = fixed_center
     if center is not None and sharded:
       center = scatter(center)
-    result, coefficients = _apply_rule(rule, rows, hparams, axis_name=axis_name, key=key,
+    rule_hparams = hparams
+    if wants_server:
+      server_update = extra_args.get("server_update")
+      if server_update is None:
+        raise ValueError(f"{name} needs server_update= at update time (the server's own "
+                         f"update, e.g. flagjax.sim.make_train_step(..., server_batch=...))")
+      rule_hparams = {**hparams,
+                      "server_update": scatter(server_update) if sharded else server_update}
+    result, coefficients = _apply_rule(rule, rows, rule_hparams, axis_name=axis_name, key=key,
                                        has_center=has_center, center=center)
     full = gather(result) if sharded else result
     new_state = AggregateState(

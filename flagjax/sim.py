@@ -17,7 +17,8 @@ One step:
 4. ``attack(honest_rows, f, key)`` replaces the last ``f`` rows (on the shards in the sharded
    backends, with ``axis_name=`` for adaptive attacks); a worker with both a data and a
    gradient attack sends the gradient attack's rows;
-5. ``tx.update(stacked, opt_state, params, key=..., [axis_name=, gather=, scatter=])``: the
+5. ``tx.update(stacked, opt_state, params, key=..., [axis_name=, gather=, scatter=],
+   [server_update=])`` (the last with ``server_batch``: the server's gradient on it): the
    aggregator runs the rule on the shards (Gram-space rules ``psum`` one ``n x n`` Gram,
    coordinate-wise rules need nothing) and ``gather`` s the aggregate back, replicated;
 6. ``optax.apply_updates``.
@@ -297,7 +298,8 @@ def make_train_step(loss_fn: Callable[[PyTree, PyTree], jax.Array],
                     attack: Optional[Callable] = None,
                     data_attack: Optional[Callable] = None,
                     backend: str = "vmap",
-                    devices: Optional[Sequence[jax.Device]] = None):
+                    devices: Optional[Sequence[jax.Device]] = None,
+                    server_batch: Optional[PyTree] = None):
   r"""Builds one training step of ``num_workers`` workers, the last ``num_byzantine`` of them
   Byzantine, aggregated by ``tx`` (the order of one step is in the module docstring).
 
@@ -324,6 +326,12 @@ def make_train_step(loss_fn: Callable[[PyTree, PyTree], jax.Array],
       ``devices``, ``num_workers / len(devices)`` per device, coordinate-sharded aggregation).
     devices: the devices of the sharded backends; default ``jax.devices()`` (all hosts').
       ``num_workers`` must be a multiple of their number.
+    server_batch: a batch the server holds (FLTrust's clean root data, one worker's batch
+      layout, no leading worker axis), or None. When given, each step computes the server's
+      update ``g0 = grad loss_fn(params, server_batch)`` at the incoming params and passes it
+      to ``tx.update`` as ``server_update=`` (in params layout on every backend; a
+      :func:`flagjax.aggregate` of a rule taking ``server_update`` forwards it, sharded).
+      The batch is a constant of the compiled step.
 
   Returns:
     ``step(params, opt_state, batch, key) -> (params, opt_state, metrics)``, jitted (the
@@ -363,6 +371,12 @@ def make_train_step(loss_fn: Callable[[PyTree, PyTree], jax.Array],
   use_data_attack = data_attack is not None and attack is None and f > 0
   use_attack = attack is not None and f > 0
 
+  def server_args(params) -> dict:
+    """``{"server_update": g0}`` when the server holds a batch, else nothing."""
+    if server_batch is None:
+      return {}
+    return {"server_update": jax.grad(loss_fn)(params, server_batch)}
+
   if backend == "vmap":
     def vmap_step(params, opt_state, batch, key):
       _check_batch(batch, n)
@@ -379,7 +393,8 @@ def make_train_step(loss_fn: Callable[[PyTree, PyTree], jax.Array],
           batch = _stack_rows(_take_rows(batch, 0, num_honest), attacked)
         losses, stacked = _worker_losses_and_grads(loss_fn, params, batch)
       honest_loss = jnp.mean(losses[:num_honest].astype(jnp.float32))
-      updates, opt_state = tx.update(stacked, opt_state, params, key=keys.aggregate)
+      updates, opt_state = tx.update(stacked, opt_state, params, key=keys.aggregate,
+                                     **server_args(params))
       params = optax.apply_updates(params, updates)
       return params, opt_state, _metrics(honest_loss, updates, opt_state, n)
     return jax.jit(vmap_step)
@@ -419,7 +434,8 @@ def make_train_step(loss_fn: Callable[[PyTree, PyTree], jax.Array],
     updates, opt_state = tx.update(
         shards, opt_state, params, key=keys.aggregate, axis_name=_StaticAxisName(axis),
         gather=_StaticFunction(_make_gather(params, num_devices, axis)),
-        scatter=_StaticFunction(_make_scatter(params, num_devices, axis)))
+        scatter=_StaticFunction(_make_scatter(params, num_devices, axis)),
+        **server_args(params))
     params = optax.apply_updates(params, updates)
     return params, opt_state, _metrics(honest_loss, updates, opt_state, n)
 

@@ -98,6 +98,27 @@ class GramTest(parameterized.TestCase):
     np.testing.assert_allclose(sharded, gram_lib.gram(jnp.asarray(x)), rtol=1e-5, atol=1e-4)
 
 
+  def test_row_norms_and_nonfinite_rows_without_the_gram(self):
+    x = helpers.random_rows(9, 6, 40)
+    x[1] = 1e30                                   # finite: its norm overflows a plain sum
+    x[2, 3] = np.nan
+    x[3, 5] = np.inf
+    x[4, 0], x[4, 1] = np.inf, -np.inf            # sums to NaN
+    norms = np.asarray(gram_lib.row_norms(x))
+    np.testing.assert_allclose(norms[[0, 5]], np.linalg.norm(x[[0, 5]], axis=1), rtol=1e-6)
+    np.testing.assert_allclose(norms[1], 1e30 * np.sqrt(40), rtol=1e-6)
+    self.assertFalse(np.isfinite(norms[2:5]).any())
+    np.testing.assert_array_equal(gram_lib.nonfinite_rows(x), ~np.isfinite(x).all(1))
+    tree = {"a": x[:, :8], "b": x[:, 8:].reshape(6, 4, 8)}
+    np.testing.assert_array_equal(gram_lib.nonfinite_rows(tree), ~np.isfinite(x).all(1))
+    np.testing.assert_allclose(gram_lib.row_norms(tree), norms, rtol=1e-6)
+    # Without any overflow the scaled pass never runs, and vmap (both branches) agrees.
+    clean = helpers.random_rows(10, 6, 40)
+    batched = jax.vmap(gram_lib.row_norms)(np.stack([clean, x]))
+    np.testing.assert_allclose(batched[0], np.linalg.norm(clean, axis=1), rtol=1e-6)
+    np.testing.assert_allclose(batched[1, :2], norms[:2], rtol=1e-6)
+
+
 class SortingTest(parameterized.TestCase):
 
   @parameterized.parameters(*range(1, 41))

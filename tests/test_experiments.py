@@ -129,6 +129,19 @@ def test_partition_is_disjoint_and_complete(alpha):
     assert shards.sizes.max() - shards.sizes.min() <= 1
 
 
+@pytest.mark.parametrize("alpha", [None, 0.3])
+def test_server_root_set_is_class_proportional_and_kept_out_of_every_shard(alpha):
+  labels = data.load_digits().train_labels
+  root = data.root_set(labels, 100)
+  assert len(root) == len(np.unique(root)) == 100
+  share = np.bincount(labels[root], minlength=10) / 100
+  np.testing.assert_allclose(share, np.bincount(labels, minlength=10) / len(labels), atol=0.011)
+  shards = data.partition(labels, 15, alpha, seed=3, width=len(labels), exclude=root)
+  chex.assert_shape(shards.indices, (15, len(labels)))
+  owned = np.concatenate([row[:size] for row, size in zip(shards.indices, shards.sizes)])
+  np.testing.assert_array_equal(np.sort(owned), np.setdiff1d(np.arange(len(labels)), root))
+
+
 def test_dirichlet_skews_the_labels():
   labels = data.load_digits().train_labels
 
@@ -397,6 +410,18 @@ def test_progress_bar_stays_off_when_stderr_is_not_a_terminal(monkeypatch):
   bar.update(10)
   bar.close()
   assert sys.stderr.getvalue() == ""
+
+
+def test_the_newer_defences_train_and_fltrust_gets_the_servers_data(tmp_path):
+  # dnc takes the step's key, fltrust the server's gradient on its root set.
+  code = train.main(TINY + ["--rules", "dnc", "fltrust",
+                            "--attack", "sign_flip", "--server-examples", "40",
+                            "--out", str(tmp_path), "--name", "defences"])
+  assert code == 0
+  result = json.loads((tmp_path / "defences.json").read_text())
+  for rule in ("dnc", "fltrust"):
+    assert result["rules"][rule]["runs"][0]["final_accuracy"] > 0.5, rule  # chance is 0.1
+  assert result["config"]["server_examples"] == 40
 
 
 def test_flag_released_is_a_rule_spec(tmp_path):

@@ -3,7 +3,6 @@
 Each test names the defect it guards against; every one failed before its fix.
 """
 
-import functools
 
 import chex
 import jax

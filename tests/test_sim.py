@@ -187,6 +187,48 @@ class BackendAgreementTest(chex.TestCase):
                                   rtol=2e-4, atol=2e-5)
 
 
+class ServerBatchTest(chex.TestCase):
+  """FLTrust with the server's root batch: its gradient is the trust anchor every step."""
+
+  def test_one_step_matches_numpy_and_backends_agree(self):
+    n, f, lr = 8, 2, 0.1
+    true = true_regression_params(3)
+    batches = [regression_batch(30 + i, n, 4, true, noise=0.2) for i in range(2)]
+    server = {k: v[0] for k, v in regression_batch(40, 1, 6, true).items()}
+    tx = optax.chain(flagjax.aggregate(aggregators.fltrust, num_workers=n), optax.sgd(lr))
+    results = run_on_every_backend(tx, n, f, batches[:1], attack=attacks.sign_flip,
+                                   server_batch=server)
+    # numpy: worker gradients at zero params, the last f replaced by -mean(honest).
+    def np_grads(batch):
+      x, y = batch["x"].astype(np.float64), batch["y"].astype(np.float64)
+      residual = -y                                   # prediction 0 at zero params
+      per_worker = x.shape[-2]
+      gw = 2 * np.einsum("...ki,...kj->...ij", x, residual) / (per_worker * OUT_DIM)
+      gb = 2 * residual.mean(-2) / OUT_DIM
+      return np.concatenate([gw.reshape(gw.shape[:-2] + (-1,)), gb], -1)
+    rows = np_grads(batches[0])
+    rows[n - f:] = -rows[:n - f].mean(0)
+    g0 = np_grads(server)
+    trust = np.maximum(rows @ g0 / np.linalg.norm(rows, axis=1) / np.linalg.norm(g0), 0)
+    update = (trust * np.linalg.norm(g0) / np.linalg.norm(rows, axis=1)) @ rows / trust.sum()
+    expected = -lr * update
+    params, _, metrics = results["vmap"]
+    got = np.concatenate([np.asarray(params["w"]).ravel(), np.asarray(params["b"])])
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+    for backend in ("pmap", "shard_map"):
+      chex.assert_trees_all_close(results[backend][0], params, rtol=2e-4, atol=2e-6)
+    # The sign-flipped workers point against g0: no trust, so the step ignores them.
+    clean = (trust[:n - f] * np.linalg.norm(g0) / np.linalg.norm(rows[:n - f], axis=1)
+             ) @ rows[:n - f] / trust[:n - f].sum()
+    np.testing.assert_allclose(update, clean, rtol=1e-6)
+    self.assertTrue(np.all(trust[n - f:] == 0))
+
+  def test_missing_server_update_is_a_clear_error(self):
+    tx = flagjax.aggregate(aggregators.fltrust)
+    with self.assertRaisesRegex(ValueError, "needs server_update= at update time"):
+      tx.update(jnp.ones((4, 3)), tx.init(jnp.zeros(3)))
+
+
 class RobustTrainingTest(chex.TestCase):
   """12 workers, 4 Byzantine: a robust rule learns the true weights, the mean does not."""
 

@@ -4,15 +4,11 @@ The diameter of a subset ``S`` is :math:`\max_{i,j \in S} D_{ij}`. Every subset 
 ``n - f`` is the complement of a removed set ``R`` of size ``f``, and at most
 :math:`f (n-1)` pairs touch ``R``; so the diameter of ``S`` is the largest distance among the
 top :math:`L = f (n-1) + 1` pairs (by distance) that avoid ``R``. Each subset then costs
-``O(f n)`` instead of ``O(n^2)``, evaluated in chunks (``jax.lax.map`` with a batch size) so
-memory stays bounded.
+``O(f n)`` instead of ``O(n^2)``; the search itself (chunks of subsets, the tie rule, the
+limit ``C(n, f) <= 100000``) is :mod:`flagjax.core.subsets`, shared with SMEA.
 """
 
 from __future__ import annotations
-
-import functools
-import itertools
-import math
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +16,7 @@ import numpy as np
 
 from flagjax.core import checks
 from flagjax.core import gram as gram_lib
+from flagjax.core import subsets
 from flagjax.core import tree as tree_lib
 
 __all__ = [
@@ -27,29 +24,9 @@ __all__ = [
     "mda_coefficients",
 ]
 
-# The exact search enumerates C(n, f) subsets; beyond this it refuses with a ValueError.
-MAX_SUBSETS = 100_000
-# Elements of the per-chunk temporaries ([batch, max(f n, L)]): bounds memory per step.
-_CHUNK_ELEMENTS = 1 << 20
-
 
 def _check(n: int, f: int) -> None:
-  checks.require("mda", n > 2 * f, "n > 2*f", n=n, f=f)
-  checks.require("mda", math.comb(n, f) <= MAX_SUBSETS,
-                 f"C(n, f) <= {MAX_SUBSETS} subsets", n=n, f=f)
-
-
-@functools.lru_cache(maxsize=None)
-def _removed_sets(n: int, f: int) -> np.ndarray:
-  """All removed sets ``[C(n, f), f]`` so that index order = lexicographic order of kept sets.
-
-  Kept sets ascend lexicographically exactly when their complements descend, so the removed
-  sets are listed in reverse lexicographic order; ``argmin`` (first minimum) then breaks ties
-  towards the lowest lexicographic kept subset.
-  """
-  dtype = np.int16 if n < 2**15 else np.int32
-  table = np.array(list(itertools.combinations(range(n), f)), dtype).reshape(-1, f)
-  return table[::-1].copy()
+  subsets.check_subset_search("mda", n, f)
 
 
 @gram_lib.translation_invariant
@@ -89,19 +66,13 @@ def mda_coefficients(K: jax.Array, f: int) -> jax.Array:
   top_second = jnp.asarray(second)[top_pair]
   workers = jnp.arange(n)
 
-  def kept_mask(removed):   # [f] -> [n] bool
-    return jnp.all(workers[None, :] != removed[:, None].astype(workers.dtype), axis=0)
-
-  def diameter(removed):
-    kept = kept_mask(removed)
-    avoids = kept[top_first] & kept[top_second]
+  def diameter(removed, kept):
+    del kept
+    kept_mask = jnp.all(workers[None, :] != removed[:, None].astype(workers.dtype), axis=0)
+    avoids = kept_mask[top_first] & kept_mask[top_second]
     return jnp.max(jnp.where(avoids, top_dist, -1))
 
-  removed_sets = jnp.asarray(_removed_sets(n, f))
-  num_subsets = removed_sets.shape[0]
-  batch = max(1, min(num_subsets, _CHUNK_ELEMENTS // max(f * n, num_top)))
-  diameters = jax.lax.map(diameter, removed_sets, batch_size=batch)
-  best = kept_mask(removed_sets[jnp.argmin(diameters)])
+  best = subsets.best_subset(diameter, n, f, elements_per_subset=max(f * n, num_top))
   return gram_lib.nan_beyond_bound(best.astype(dtype) / (n - f), K, f)
 
 

@@ -113,7 +113,6 @@ def _optimal_attack(name: str, rows_fn, rule: Callable, search_range, num_points
   rule_name = getattr(rule, "__name__", repr(rule))
 
   def attack(honest: PyTree, f: int, key: Optional[jax.Array] = None, *, axis_name=None):
-    del key
     h, f = check_counts(name, honest, f)
     rule_kwargs = dict(rule_hparams)
     # The attacker is omniscient: a rule's f, unless given, is the number of Byzantine rows.
@@ -121,6 +120,14 @@ def _optimal_attack(name: str, rows_fn, rule: Callable, search_range, num_points
       rule_kwargs["f"] = f
     honest32 = compute(honest)
     mean32 = honest_mean(honest32, h)
+    # A randomised rule (DnC, SignGuard) is simulated with the attacker's own key: the
+    # server's draw is the one thing the attacker cannot know. A rule that trusts the
+    # server's update (FLTrust) is simulated with the honest mean in its place.
+    if "key" not in rule_kwargs and _takes_argument(rule, "key"):
+      rule_kwargs["key"] = jax.random.key(0) if key is None else key
+    if "server_update" not in rule_kwargs and _takes_argument(rule, "server_update"):
+      rule_kwargs["server_update"] = jax.tree.map(lambda m, x: m.astype(x.dtype), mean32,
+                                                  jax.tree.map(lambda x: x[0], honest))
     make_rows = rows_fn(honest32, mean32, h, f, honest)
     if f == 0:
       return make_rows(jnp.float32(lower))
@@ -152,7 +159,9 @@ def optimal_alie(rule: Callable, *, search_range: tuple[float, float] = (0.0, 10
 
   Args:
     rule: the attacked aggregation rule, ``rule(x, **rule_hparams)``; when it takes an ``f``
-      that ``rule_hparams`` does not give, it gets the attack's ``f``.
+      that ``rule_hparams`` does not give, it gets the attack's ``f``; a ``key`` not given is
+      the attack's own key (the server's draw is secret); a ``server_update`` not given is
+      the honest mean (the attacker's estimate of the server's clean update).
     search_range: ``(lower, upper)`` for ``z``.
     num_points: grid points per round (static).
     num_rounds: zoom rounds (static).

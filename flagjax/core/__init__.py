@@ -8,10 +8,17 @@ Two families of robust rules rest on two cores, each written once:
 * :mod:`flagjax.core.sorting` -- order statistics per coordinate over the (small, static)
   worker axis by a pruned Batcher odd-even merge network of ``minimum``/``maximum``.
 
+Around them, each written once for the rules that share it: :mod:`flagjax.core.spectral`
+(covariance eigenproblems in Gram space: CAF, SMEA, DnC), :mod:`flagjax.core.subsets` (the
+exact search over subsets of ``n - f`` rows: MDA, SMEA), :mod:`flagjax.core.sampling`
+(stratified random coordinate subsets, equal on shards: DnC, SignGuard) and
+:mod:`flagjax.core.clustering` (mean shift and agglomerative clustering of the ``n`` rows:
+SignGuard, Clipped Clustering).
+
 :mod:`flagjax.core.tree` holds the pytree and dtype conventions and :mod:`flagjax.core.checks`
 the trace-time bound checks. No core imports a rule.
 """
 
-from flagjax.core import checks, gram, sorting, tree
+from flagjax.core import checks, clustering, gram, sampling, sorting, spectral, subsets, tree
 
-__all__ = ["checks", "gram", "sorting", "tree"]
+__all__ = ["checks", "clustering", "gram", "sampling", "sorting", "spectral", "subsets", "tree"]

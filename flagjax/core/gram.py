@@ -37,6 +37,7 @@ __all__ = [
     "gram",
     "nan_beyond_bound",
     "nearest_mask",
+    "nonfinite_rows",
     "norms",
     "row_norms",
     "select",
@@ -365,12 +366,13 @@ _NORM_SCALE_EXPONENT = {"float32": 70, "float64": 600}
 def row_norms(x: PyTree, *, axis_name=None) -> jax.Array:
   r"""Row norms :math:`|x_i|` without forming ``K``, finite for every finite row.
 
-  One pass: per leaf a row-wise sum of squares, and in the same fused loop the sum of
-  squares of the rows scaled by an exact power of two (:math:`2^{-70}` in float32,
-  :math:`2^{-600}` in float64), summed over leaves and ``psum``-ed over ``axis_name``. Where
-  the plain sum overflows (a finite Byzantine row of 1e20 in float32) the scaled one gives
-  the norm; so a finite row always has a finite norm (up to the largest float), and only
-  rows holding NaN/Inf get a non-finite one.
+  One pass for the row-wise sums of squares (summed over leaves, ``psum``-ed over
+  ``axis_name``). Only where one of them overflows (a finite Byzantine row of 1e20 in
+  float32) a second pass sums the squares of the rows scaled by an exact power of two
+  (:math:`2^{-70}` in float32, :math:`2^{-600}` in float64), under ``lax.cond``: so a finite
+  row always has a finite norm (up to the largest float), only rows holding NaN/Inf get a
+  non-finite one, and the common case costs one pass (two fused reductions cost ~3x as much
+  as one on a 2-core CPU). Under ``vmap`` the ``cond`` runs both branches.
 
   Args:
     x: an array ``[n, ...]`` or a pytree whose leaves share the leading ``n``.
@@ -381,9 +383,39 @@ def row_norms(x: PyTree, *, axis_name=None) -> jax.Array:
   """
   dtype = tree_lib.result_dtype(x)
   exponent = _NORM_SCALE_EXPONENT["float64" if dtype == jnp.float64 else "float32"]
-  plain, scaled = _sums_of_squares(x, (1.0, 2.0 ** -exponent), axis_name)
-  big = jnp.sqrt(scaled) * jnp.asarray(2.0 ** exponent, dtype)
-  return jnp.where(jnp.isfinite(plain), jnp.sqrt(plain), big)
+  (plain,) = _sums_of_squares(x, (1.0,), axis_name)
+  # A row holding Inf sums to +inf like a finite row that overflows; the scaled sum tells them
+  # apart. ``plain`` is already psum-ed, so every shard takes the same branch.
+  overflow = jnp.isposinf(plain)
+  rescue = jnp.any(overflow)
+
+  def scaled_norms(_):
+    (scaled,) = _sums_of_squares(x, (2.0 ** -exponent,), axis_name)
+    return jnp.sqrt(scaled) * jnp.asarray(2.0 ** exponent, dtype)
+
+  big = jax.lax.cond(rescue, scaled_norms, lambda _: jnp.full_like(plain, jnp.inf), None)
+  return jnp.where(jnp.isfinite(plain), jnp.sqrt(plain), jnp.where(overflow, big, plain))
+
+
+def nonfinite_rows(x: PyTree, *, axis_name=None) -> jax.Array:
+  r"""Which rows hold NaN/Inf: ``[n]`` bool, from one matrix-vector product per leaf.
+
+  :math:`\sum_k 2^{-e} x_{ik}` (``e`` = 70 in float32, 600 in float64, so no finite row
+  overflows it) is NaN/Inf exactly when row ``i`` holds NaN/Inf (an Inf plus a -Inf is NaN).
+  A matrix-vector product runs at the speed of one pass, ~2.5x faster than a row reduction
+  on a 2-core CPU. ``psum``-ed over ``axis_name``.
+  """
+  dtype = tree_lib.result_dtype(x)
+  exponent = _NORM_SCALE_EXPONENT["float64" if dtype == jnp.float64 else "float32"]
+  total = 0
+  for leaf in jax.tree.leaves(x):
+    flat = leaf.reshape(leaf.shape[0], -1)
+    compute = tree_lib.compute_dtype(flat.dtype)
+    weights = jnp.full((flat.shape[1],), 2.0 ** -exponent, compute)
+    total = total + jnp.matmul(flat.astype(compute), weights).astype(dtype)
+  if axis_name is not None:
+    total = jax.lax.psum(total, axis_name)
+  return ~jnp.isfinite(total)
 
 
 def _sums_of_squares(x: PyTree, scales, axis_name) -> tuple:

@@ -1,0 +1,425 @@
+"""The defences of the other toolkits: CAF, SMEA, DnC, SignGuard, Clipped Clustering, FLTrust.
+
+Each against an oracle written here (float64 numpy eigen-decompositions in d-space for CAF,
+SMEA and DnC; scikit-learn's MeanShift and scipy's average linkage for the two clusterings;
+FLTrust's formula), plus bounds, NaN/Inf rows, permutations, pytrees, jit/vmap, shards and a
+robustness property.
+"""
+
+import itertools
+import types
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl.testing import parameterized
+from scipy.cluster import hierarchy
+from sklearn import cluster as sk_cluster
+
+from flagjax import aggregators
+from flagjax.core import clustering
+from flagjax.core import sampling
+from tests import helpers
+
+
+# Every rule jitted once per shape (calling them eagerly compiles each of their ops apart).
+_STATIC = {"caf": ("f", "max_iters"), "smea": ("f",),
+           "dnc": ("f", "num_iters", "subsample_size", "filter_fraction"),
+           "signguard": ("lower", "upper", "coordinate_fraction"),
+           "clipped_clustering": ("tau",), "fltrust": ()}
+rules = types.SimpleNamespace(**{
+    name: jax.jit(getattr(aggregators, name), static_argnames=static + ("axis_name",))
+    for name, static in _STATIC.items()})
+
+
+# ---------------------------------------------------------------------------------------------
+# Oracles (float64, d-space).
+
+
+def np_caf(x, f):
+  x = np.asarray(x, np.float64)
+  n = len(x)
+  c = np.ones(n)
+  best, best_value = x.mean(0), np.inf
+  while f > 0 and c.sum() > n - 2 * f:
+    mu = c @ x / c.sum()
+    z = x - mu
+    values, vectors = np.linalg.eigh((c[:, None] * z).T @ z / c.sum())
+    if values[-1] < best_value:
+      best, best_value = mu, values[-1]
+    tau = (z @ vectors[:, -1]) ** 2
+    top = tau[c > 0].max()
+    if top <= 0:
+      break
+    c = np.where((c > 0) & (tau < top), c * (1 - tau / top), 0.0)
+  return best
+
+
+def np_smea(x, f):
+  x = np.asarray(x, np.float64)
+  n = len(x)
+  best, best_value = None, np.inf
+  for kept in itertools.combinations(range(n), n - f):
+    rows = x[list(kept)]
+    z = rows - rows.mean(0)
+    value = np.linalg.eigvalsh(z.T @ z / len(kept))[-1]
+    if value < best_value * (1 - 1e-9):
+      best, best_value = rows.mean(0), value
+  return best
+
+
+def np_dnc_kept(columns, f, filter_fraction=1.0):
+  """The rows DnC keeps in one iteration, from the subsampled columns [n, s]."""
+  n = len(columns)
+  z = columns - columns.mean(0)
+  _, _, vt = np.linalg.svd(z, full_matrices=False)
+  scores = (z @ vt[0]) ** 2
+  keep = n - int(np.floor(filter_fraction * f))
+  return set(np.argsort(scores, kind="stable")[:keep].tolist())
+
+
+def np_fltrust(x, g0):
+  x = np.asarray(x, np.float64)
+  g0 = np.asarray(g0, np.float64)
+  norms = np.linalg.norm(x, axis=1)
+  trust = np.maximum(x @ g0 / norms / np.linalg.norm(g0), 0)
+  if trust.sum() == 0:
+    return np.zeros_like(g0)
+  return (trust * np.linalg.norm(g0) / norms) @ x / trust.sum()
+
+
+def np_average_linkage_larger_group(x):
+  """scipy's average linkage on cosine distances, cut into two groups; the larger one."""
+  unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+  distances = 1 - np.clip(unit @ unit.T, -1, 1)
+  condensed = distances[np.triu_indices(len(x), 1)]
+  labels = hierarchy.fcluster(hierarchy.linkage(condensed, method="average"), 2, "maxclust")
+  sizes = np.bincount(labels)
+  return labels == np.argmax(sizes)
+
+
+def spread_rows(seed, n, d, f, distance=50.0):
+  """Honest Gaussian rows around a common mean, the last f far away in random directions."""
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(n, d)) + 3.0
+  x[n - f:] += distance * rng.normal(size=(f, d))
+  return x
+
+
+# ---------------------------------------------------------------------------------------------
+# CAF and SMEA: exact eigenproblems in Gram space.
+
+
+class SpectralFilterTest(parameterized.TestCase):
+
+  @parameterized.parameters((7, 5, 2), (9, 3, 3), (10, 20, 2), (12, 6, 0))
+  def test_caf_and_smea_match_numpy_in_d_space(self, n, d, f):
+    # n > d (rank-deficient covariances) and a duplicated row among the inputs.
+    x = spread_rows(n + d, n, d, f, distance=5.0)
+    x[1] = x[0]
+    with jax.enable_x64(True):
+      np.testing.assert_allclose(rules.caf(jnp.asarray(x), f), np_caf(x, f), rtol=1e-9,
+                                 atol=1e-9)
+      np.testing.assert_allclose(rules.smea(jnp.asarray(x), f), np_smea(x, f), rtol=1e-9,
+                                 atol=1e-9)
+
+  def test_float32_ties_constant_column_and_nonfinite_rows(self):
+    x = helpers.tied_rows(3, 9, 6).astype(np.float64)
+    x[:, 2] = 7.0
+    x[:, 3] += np.arange(9)              # break the exact eigenvalue ties of the grid
+    for rule, oracle in ((rules.caf, np_caf), (rules.smea, np_smea)):
+      got = rule(x.astype(np.float32), 2)
+      np.testing.assert_allclose(got, oracle(x, 2), rtol=2e-4, atol=2e-4, err_msg=rule.__name__)
+      # Up to f rows of NaN/Inf never reach the output; more than f give NaN.
+      bad = helpers.poison(x.astype(np.float32), rows=[4, 7])
+      out = np.asarray(rule(bad, 2))
+      self.assertTrue(np.isfinite(out).all(), rule.__name__)
+      self.assertTrue(np.isnan(rule(helpers.poison(x.astype(np.float32), rows=[1, 4, 7]), 2)).all())
+      # A 1e30 row overflows the float32 Gram: it counts as Byzantine and is left out.
+      big = x.astype(np.float32).copy()
+      big[5] = 1e30
+      out = np.asarray(rule(big, 2))
+      self.assertTrue(np.isfinite(out).all() and np.abs(out).max() < 100, rule.__name__)
+
+  def test_bounds_permutations_pytrees_vmap_and_shards(self):
+    for rule in (rules.caf, rules.smea):
+      with self.assertRaisesRegex(ValueError, f"{rule.__name__} needs n > 2\\*f"):
+        rule(np.zeros((6, 3), np.float32), 3)
+    with self.assertRaisesRegex(ValueError, "smea needs C\\(n, f\\) <= 100000 subsets"):
+      rules.smea(np.zeros((60, 2), np.float32), 5)
+    with self.assertRaisesRegex(ValueError, "caf needs max_iters >= 1"):
+      rules.caf(np.zeros((6, 3), np.float32), 1, max_iters=0)
+    x = spread_rows(5, 10, 16, 3).astype(np.float32)
+    perm = np.random.default_rng(1).permutation(10)
+    for rule in (rules.caf, rules.smea):
+      expected = np.asarray(rule(x, 3))
+      np.testing.assert_allclose(rule(x[perm], 3), expected, rtol=1e-4, atol=1e-4)
+      tree = {"a": x[:, :8], "b": x[:, 8:].reshape(10, 4, 2)}
+      out = rule(tree, 3)
+      np.testing.assert_allclose(np.concatenate([out["a"], out["b"].reshape(8)]), expected,
+                                 rtol=1e-4, atol=1e-4)
+      batched = jax.jit(jax.vmap(lambda rows: rule(rows, 3)))(np.stack([x, x[perm]]))
+      np.testing.assert_allclose(batched, np.stack([expected, expected]), rtol=1e-4, atol=1e-4)
+      np.testing.assert_allclose(helpers.run_coordinate_sharded(rule, x, f=3), expected,
+                                 rtol=1e-4, atol=1e-4)
+
+  def test_far_away_rows_leave_the_output_near_the_honest_mean(self):
+    # Bound tested: |rule - mean(honest)| <= 2 max_i |x_i - mean(honest)| / sqrt(n - f)... in
+    # practice far smaller; we assert it is below the honest rows' own spread, while the plain
+    # mean moves by about f / n * 500.
+    x = spread_rows(7, 12, 30, 3, distance=500.0).astype(np.float32)
+    honest = x[:9].mean(0)
+    spread = np.linalg.norm(x[:9] - honest, axis=1).max()
+    self.assertGreater(np.linalg.norm(x.mean(0) - honest), 10 * spread)
+    for rule in (rules.caf, rules.smea):
+      self.assertLess(np.linalg.norm(np.asarray(rule(x, 3)) - honest), spread, rule.__name__)
+
+
+# ---------------------------------------------------------------------------------------------
+# DnC and SignGuard: a random coordinate subset, the same on shards.
+
+
+class SamplingTest(parameterized.TestCase):
+
+  @parameterized.parameters((1000, 37), (64, 64), (10, 50), (1001, 1000))
+  def test_stratified_indices_one_per_block(self, d, s):
+    indices = np.asarray(sampling.stratified_indices(jax.random.key(0), d, s))
+    if s >= d:
+      np.testing.assert_array_equal(indices, np.arange(d))
+      return
+    starts = np.arange(s + 1) * d // s
+    self.assertEqual(indices.shape, (s,))
+    self.assertTrue(((indices >= starts[:-1]) & (indices < starts[1:])).all())
+
+  def test_every_coordinate_equally_likely(self):
+    # 2000 draws of 5 of 20 coordinates: each coordinate's frequency near 1/4.
+    keys = jax.random.split(jax.random.key(3), 2000)
+    draws = jax.vmap(lambda k: sampling.stratified_indices(k, 20, 5))(keys)
+    frequency = np.bincount(np.asarray(draws).ravel(), minlength=20) / 2000
+    np.testing.assert_allclose(frequency, 0.25, atol=0.05)
+
+
+class DncTest(parameterized.TestCase):
+
+  def test_against_numpy_svd_on_the_same_subsets(self):
+    x = spread_rows(11, 11, 40, 3, distance=3.0)
+    key = jax.random.key(5)
+    kept = set(range(11))
+    for iteration_key in jax.random.split(key, 4):
+      columns = np.asarray(sampling.stratified_indices(iteration_key, 40, 16))
+      kept &= np_dnc_kept(x[:, columns], 3)
+    expected = x[sorted(kept)].mean(0)
+    with jax.enable_x64(True):
+      got = rules.dnc(jnp.asarray(x), 3, key, num_iters=4, subsample_size=16)
+    np.testing.assert_allclose(got, expected, rtol=1e-9, atol=1e-9)
+    # Every coordinate (subsample_size >= d): deterministic, any key.
+    full = np_dnc_kept(x, 3, filter_fraction=1.5)
+    got = rules.dnc(x.astype(np.float32), 3, jax.random.key(9), subsample_size=100,
+                          filter_fraction=1.5)
+    np.testing.assert_allclose(got, x[sorted(full)].mean(0), rtol=1e-5, atol=1e-5)
+
+  def test_nonfinite_ties_bounds_pytrees_and_shards(self):
+    x = helpers.tied_rows(2, 10, 32)
+    key = jax.random.key(1)
+    bad = helpers.poison(x, rows=[3, 8])
+    out = np.asarray(rules.dnc(bad, 2, key, subsample_size=8))
+    self.assertTrue(np.isfinite(out).all())
+    self.assertTrue(np.isnan(rules.dnc(helpers.poison(x, rows=[1, 3, 8]), 2, key,
+                                       subsample_size=8)).all())
+    with self.assertRaisesRegex(ValueError, "dnc needs n > 2\\*f"):
+      rules.dnc(x, 5, key)
+    with self.assertRaisesRegex(ValueError, "dnc needs a jax.random key"):
+      rules.dnc(x, 2, None)
+    with self.assertRaisesRegex(ValueError, "dnc needs subsample_size >= 1"):
+      rules.dnc(x, 2, key, subsample_size=0)
+    y = spread_rows(4, 10, 64, 2).astype(np.float32)
+    expected = np.asarray(rules.dnc(y, 2, key, subsample_size=24))
+    tree = {"a": y[:, :24], "b": y[:, 24:].reshape(10, 5, 8)}
+    out = rules.dnc(tree, 2, key, subsample_size=24)
+    np.testing.assert_allclose(np.concatenate([out["a"], out["b"].reshape(40)]), expected,
+                               rtol=1e-5, atol=1e-5)
+    sharded = helpers.run_coordinate_sharded(rules.dnc, y, f=2, key=key,
+                                             subsample_size=24)
+    np.testing.assert_allclose(sharded, expected, rtol=1e-5, atol=1e-5)
+    perm = np.random.default_rng(0).permutation(10)
+    # Row order does not change which coordinates are read, so the kept set is permuted too.
+    np.testing.assert_allclose(rules.dnc(y[perm], 2, key, subsample_size=24), expected,
+                               rtol=1e-5, atol=1e-5)
+
+  def test_far_away_rows_are_dropped(self):
+    x = spread_rows(8, 16, 2000, 4, distance=20.0).astype(np.float32)
+    honest = x[:12].mean(0)
+    spread = np.linalg.norm(x[:12] - honest, axis=1).max()
+    out = jax.jit(lambda rows, k: rules.dnc(rows, 4, k, subsample_size=200))(
+        x, jax.random.key(0))
+    self.assertLess(np.linalg.norm(np.asarray(out) - honest), spread / 2)
+
+
+class SignGuardTest(parameterized.TestCase):
+
+  def _rows(self, seed=0):
+    # 9 honest rows (about half their coordinates positive), 3 sign-flipped Byzantine rows
+    # with most coordinates negative, 1 row 10x too long.
+    rng = np.random.default_rng(seed)
+    honest = rng.normal(size=(9, 400)) + rng.uniform(-0.05, 0.05, size=(9, 1))
+    flipped = -np.abs(rng.normal(size=(3, 400)))
+    long = 10 * rng.normal(size=(1, 400))
+    return np.concatenate([honest, flipped, long]).astype(np.float32)
+
+  def test_against_sklearn_mean_shift_and_the_norm_filter(self):
+    x = self._rows()
+    norms = np.linalg.norm(x, axis=1)
+    median = np.median(norms)
+    signs = np.stack([(x > 0).mean(1), (x == 0).mean(1), (x < 0).mean(1)], 1)
+    features = signs / signs.max(0).clip(1e-30)
+    bandwidth = sk_cluster.estimate_bandwidth(features, quantile=0.5)
+    labels = sk_cluster.MeanShift(bandwidth=bandwidth, cluster_all=False).fit(features).labels_
+    largest = labels == np.argmax(np.bincount(labels[labels >= 0]))
+    chosen = largest & (norms >= 0.1 * median) & (norms <= 3.0 * median)
+    np.testing.assert_array_equal(np.flatnonzero(chosen), np.arange(9))
+    expected = (x[chosen] * np.minimum(1, median / norms[chosen])[:, None]).mean(0)
+    got = rules.signguard(x, jax.random.key(0), coordinate_fraction=1.0)
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+  def test_mean_shift_core_matches_sklearn(self):
+    rng = np.random.default_rng(4)
+    points = np.concatenate([rng.normal(0, 0.05, (7, 3)), rng.normal(1, 0.05, (4, 3)),
+                             [[3.0, 3.0, 3.0]]]).astype(np.float32)
+    active = np.ones(12, bool)
+    bandwidth = sk_cluster.estimate_bandwidth(points, quantile=0.3)
+    np.testing.assert_allclose(clustering.mean_shift_bandwidth(points, active, 0.3), bandwidth,
+                               rtol=1e-5)
+    labels = sk_cluster.MeanShift(bandwidth=bandwidth, cluster_all=False).fit(points).labels_
+    largest = labels == np.argmax(np.bincount(labels[labels >= 0]))
+    np.testing.assert_array_equal(clustering.largest_mean_shift_cluster(points, active), largest)
+    # An inactive point is in no cluster and does not move the others.
+    active[0] = False
+    got = np.asarray(clustering.largest_mean_shift_cluster(points, active))
+    self.assertFalse(got[0])
+
+  def test_nonfinite_zero_median_bounds_shards_and_vmap(self):
+    x = self._rows(1)
+    key = jax.random.key(2)
+    bad = helpers.poison(x, rows=[0, 4, 9, 10, 11])          # any number of NaN/Inf rows
+    self.assertTrue(np.isfinite(rules.signguard(bad, key)).all())
+    self.assertTrue(np.isnan(rules.signguard(helpers.poison(x, rows=range(13)), key)).all())
+    zeros = np.zeros_like(x)
+    zeros[:2] = x[:2]
+    np.testing.assert_array_equal(rules.signguard(zeros, key), 0)
+    with self.assertRaisesRegex(ValueError, "signguard needs lower <= upper"):
+      rules.signguard(x, key, lower=2.0, upper=1.0)
+    with self.assertRaisesRegex(ValueError, "signguard needs coordinate_fraction > 0"):
+      rules.signguard(x, key, coordinate_fraction=0.0)
+    expected = np.asarray(rules.signguard(x, key, coordinate_fraction=0.25))
+    sharded = helpers.run_coordinate_sharded(rules.signguard, x, key=key,
+                                             coordinate_fraction=0.25)
+    np.testing.assert_allclose(sharded, expected, rtol=1e-5, atol=1e-6)
+    batched = jax.jit(jax.vmap(lambda rows: rules.signguard(rows, key)))(np.stack([x, x]))
+    np.testing.assert_allclose(batched[1], rules.signguard(x, key), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Clipped Clustering and FLTrust: Gram space (with the server's update).
+
+
+class ClippedClusteringTest(parameterized.TestCase):
+
+  def test_against_scipy_average_linkage(self):
+    rng = np.random.default_rng(6)
+    direction = rng.normal(size=20)
+    honest = direction + 0.3 * rng.normal(size=(8, 20))
+    honest *= rng.uniform(0.5, 2.0, size=(8, 1))
+    byzantine = -direction + 0.3 * rng.normal(size=(4, 20))
+    x = np.concatenate([honest, 5 * byzantine])
+    group = np_average_linkage_larger_group(x)
+    np.testing.assert_array_equal(np.flatnonzero(group), np.arange(8))
+    norms = np.linalg.norm(x, axis=1)
+    tau = np.median(norms)
+    expected = (x[group] * np.minimum(1, tau / norms[group])[:, None]).mean(0)
+    np.testing.assert_allclose(rules.clipped_clustering(x.astype(np.float32)), expected,
+                               rtol=1e-5, atol=1e-5)
+    fixed = (x[group] * np.minimum(1, 0.5 / norms[group])[:, None]).mean(0)
+    np.testing.assert_allclose(rules.clipped_clustering(x.astype(np.float32), tau=0.5),
+                               fixed, rtol=1e-5, atol=1e-6)
+    perm = rng.permutation(12)
+    np.testing.assert_allclose(rules.clipped_clustering(x[perm].astype(np.float32)),
+                               expected, rtol=1e-5, atol=1e-5)
+
+  def test_core_matches_scipy_on_random_distances(self):
+    rng = np.random.default_rng(8)
+    for n in (3, 7, 11):
+      points = rng.normal(size=(n, 4))
+      distances = np.linalg.norm(points[:, None] - points[None], axis=-1)
+      labels = hierarchy.fcluster(hierarchy.linkage(distances[np.triu_indices(n, 1)],
+                                                    method="average"), 2, "maxclust")
+      sizes = np.bincount(labels)
+      larger = labels == (np.argmax(sizes) if sizes.max() * 2 != n else labels[0])
+      got = jax.jit(clustering.largest_agglomerative_group)(
+          jnp.asarray(distances, jnp.float32), jnp.ones(n, bool))
+      np.testing.assert_array_equal(got, larger, err_msg=f"n={n}")
+
+  def test_nonfinite_zero_rows_pytrees_and_shards(self):
+    x = spread_rows(9, 10, 16, 3, distance=2.0).astype(np.float32)
+    expected = np.asarray(rules.clipped_clustering(x))
+    bad = np.concatenate([x, helpers.poison(x[:4], rows=range(4))])   # more NaN rows than f
+    np.testing.assert_allclose(rules.clipped_clustering(bad), expected, rtol=1e-5,
+                               atol=1e-6)
+    self.assertTrue(np.isnan(rules.clipped_clustering(helpers.poison(x, range(10)))).all())
+    with_zero = np.concatenate([x, np.zeros((1, 16), np.float32)])
+    self.assertTrue(np.isfinite(rules.clipped_clustering(with_zero)).all())
+    tree = {"a": x[:, :8], "b": x[:, 8:].reshape(10, 2, 4)}
+    out = rules.clipped_clustering(tree)
+    np.testing.assert_allclose(np.concatenate([out["a"], out["b"].reshape(8)]), expected,
+                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(helpers.run_coordinate_sharded(rules.clipped_clustering, x),
+                               expected, rtol=1e-5, atol=1e-6)
+    with self.assertRaisesRegex(ValueError, "clipped_clustering needs tau > 0"):
+      rules.clipped_clustering(x, tau=0.0)
+
+
+class FLTrustTest(chex.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  def test_against_the_formula(self):
+    fn = self.variant(rules.fltrust)
+    x = helpers.tied_rows(12, 8, 10)
+    x[2] = 0.0                                     # a zero row gets no trust
+    g0 = np.random.default_rng(0).normal(size=10).astype(np.float32) + 1.0
+    usable = np.linalg.norm(x, axis=1) > 0
+    expected = np_fltrust(x[usable], g0)
+    chex.assert_trees_all_close(fn(x, g0), expected.astype(np.float32), rtol=1e-5, atol=1e-6)
+    # Every row against g0: zero update (the paper), not a uniform fallback.
+    np.testing.assert_array_equal(fn(-np.abs(x) - 1, np.abs(g0)), 0)
+
+  def test_nonfinite_huge_pytrees_shards_vmap(self):
+    x = helpers.random_rows(3, 9, 16)
+    g0 = x[:5].mean(0)
+    expected = np_fltrust(x, g0)
+    bad = helpers.poison(x, rows=[0, 1, 2, 3, 4, 5])    # any number of NaN/Inf rows
+    np.testing.assert_allclose(rules.fltrust(bad, g0), np_fltrust(x[6:], g0), rtol=1e-5,
+                               atol=1e-6)
+    big = x.copy()
+    big[7] = 1e30 * np.sign(g0)                          # trusted, but rescaled to |g0|
+    np.testing.assert_allclose(rules.fltrust(big, g0),
+                               np_fltrust(np.where(np.arange(9)[:, None] == 7, np.sign(g0), x),
+                                          g0), rtol=1e-4, atol=1e-5)
+    self.assertTrue(np.isnan(rules.fltrust(x, g0 * np.nan)).all())
+    tree = {"a": x[:, :8], "b": x[:, 8:].reshape(9, 2, 4)}
+    out = rules.fltrust(tree, {"a": g0[:8], "b": g0[8:].reshape(2, 4)})
+    np.testing.assert_allclose(np.concatenate([out["a"], out["b"].reshape(8)]), expected,
+                               rtol=1e-5, atol=1e-6)
+    with self.assertRaisesRegex(ValueError, "fltrust needs server_update shaped like"):
+      rules.fltrust(x, g0[:3])
+    mesh = helpers.coordinate_mesh()
+    P = jax.sharding.PartitionSpec
+    sharded = jax.jit(jax.shard_map(
+        lambda rows, g: rules.fltrust(rows, g, axis_name="coords"), mesh=mesh,
+        in_specs=(P(None, "coords"), P("coords")), out_specs=P("coords")))(x, g0)
+    np.testing.assert_allclose(sharded, expected, rtol=1e-5, atol=1e-6)
+    batched = jax.vmap(rules.fltrust, in_axes=(0, None))(np.stack([x, x]), g0)
+    np.testing.assert_allclose(batched[0], expected, rtol=1e-5, atol=1e-6)
+    # Robustness: f rows against g0, however long, get no trust at all.
+    attacked = np.concatenate([x, -100 * np.tile(g0, (3, 1))])
+    np.testing.assert_allclose(rules.fltrust(attacked, g0), expected, rtol=1e-5,
+                               atol=1e-6)
