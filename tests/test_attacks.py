@@ -370,6 +370,7 @@ class DataAttackTest(chex.TestCase):
     self.assertEqual(seen, {"gaussian", "lotka_volterra", "cat_map"})
 
 
+@hypothesis.settings(max_examples=6)  # each new shape compiles anew
 @hypothesis.given(h=st.integers(1, 12), f=st.integers(0, 6), d=st.integers(1, 7),
                   seed=st.integers(0, 2**16))
 def test_property_mean_statistics(h, f, d, seed):

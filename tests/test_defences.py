@@ -113,7 +113,7 @@ def spread_rows(seed, n, d, f, distance=50.0):
 
 class SpectralFilterTest(parameterized.TestCase):
 
-  @parameterized.parameters((7, 5, 2), (9, 3, 3), (10, 20, 2), (12, 6, 0))
+  @parameterized.parameters((7, 5, 2), (9, 3, 3), (12, 6, 0))
   def test_caf_and_smea_match_numpy_in_d_space(self, n, d, f):
     # n > d (rank-deficient covariances) and a duplicated row among the inputs.
     x = spread_rows(n + d, n, d, f, distance=5.0)
@@ -251,9 +251,10 @@ class DncTest(parameterized.TestCase):
     x = spread_rows(8, 16, 2000, 4, distance=20.0).astype(np.float32)
     honest = x[:12].mean(0)
     spread = np.linalg.norm(x[:12] - honest, axis=1).max()
-    out = jax.jit(lambda rows, k: rules.dnc(rows, 4, k, subsample_size=200))(
-        x, jax.random.key(0))
-    self.assertLess(np.linalg.norm(np.asarray(out) - honest), spread / 2)
+    keys = jax.random.split(jax.random.key(0), 2)
+    out = jax.jit(jax.vmap(lambda k: aggregators.dnc(x, 4, k, subsample_size=200)))(keys)
+    for row in np.asarray(out):      # vmap over keys: each draw drops the far rows
+      self.assertLess(np.linalg.norm(row - honest), spread / 2)
 
 
 class SignGuardTest(parameterized.TestCase):
@@ -281,6 +282,10 @@ class SignGuardTest(parameterized.TestCase):
     expected = (x[chosen] * np.minimum(1, median / norms[chosen])[:, None]).mean(0)
     got = rules.signguard(x, jax.random.key(0), coordinate_fraction=1.0)
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+    perm = np.random.default_rng(2).permutation(13)
+    np.testing.assert_allclose(rules.signguard(x[perm], jax.random.key(0),
+                                               coordinate_fraction=1.0), expected, rtol=1e-5,
+                               atol=1e-6)
 
   def test_mean_shift_core_matches_sklearn(self):
     rng = np.random.default_rng(4)
@@ -345,6 +350,8 @@ class ClippedClusteringTest(parameterized.TestCase):
     perm = rng.permutation(12)
     np.testing.assert_allclose(rules.clipped_clustering(x[perm].astype(np.float32)),
                                expected, rtol=1e-5, atol=1e-5)
+    batched = jax.vmap(rules.clipped_clustering)(np.stack([x, x[perm]]).astype(np.float32))
+    np.testing.assert_allclose(batched, np.stack([expected, expected]), rtol=1e-5, atol=1e-5)
 
   def test_core_matches_scipy_on_random_distances(self):
     rng = np.random.default_rng(8)
@@ -417,8 +424,9 @@ class FLTrustTest(chex.TestCase):
         lambda rows, g: rules.fltrust(rows, g, axis_name="coords"), mesh=mesh,
         in_specs=(P(None, "coords"), P("coords")), out_specs=P("coords")))(x, g0)
     np.testing.assert_allclose(sharded, expected, rtol=1e-5, atol=1e-6)
-    batched = jax.vmap(rules.fltrust, in_axes=(0, None))(np.stack([x, x]), g0)
-    np.testing.assert_allclose(batched[0], expected, rtol=1e-5, atol=1e-6)
+    perm = np.random.default_rng(1).permutation(9)
+    batched = jax.vmap(rules.fltrust, in_axes=(0, None))(np.stack([x, x[perm]]), g0)
+    np.testing.assert_allclose(batched, np.stack([expected, expected]), rtol=1e-5, atol=1e-6)
     # Robustness: f rows against g0, however long, get no trust at all.
     attacked = np.concatenate([x, -100 * np.tile(g0, (3, 1))])
     np.testing.assert_allclose(rules.fltrust(attacked, g0), expected, rtol=1e-5,

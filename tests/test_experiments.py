@@ -263,7 +263,7 @@ def test_atomic_write_leaves_no_temporary_files(tmp_path):
 
 
 def test_train_end_to_end(tmp_path, capsys):
-  code = train.main(TINY + ["--rules", "median", "flag", "bulyan", "--attack", "sign_flip",
+  code = train.main(TINY + ["--rules", "fltrust", "flag", "bulyan", "--attack", "sign_flip",
                             "--out", str(tmp_path), "--name", "tiny"])
   assert code == 0
   out = capsys.readouterr().out
@@ -272,13 +272,15 @@ def test_train_end_to_end(tmp_path, capsys):
   assert (tmp_path / "tiny.png").stat().st_size > 1000
   assert result["rules"]["bulyan"] == {"status": "n/a",
                                        "reason": "bulyan needs n >= 4*f + 3, got n=5, f=1"}
-  for rule in ("median", "flag"):
+  for rule in ("fltrust", "flag"):
     run = result["rules"][rule]["runs"][0]
     assert run["steps"] == [0, 20, 40]
     assert run["final_accuracy"] > 0.5  # chance is 0.1
   assert result["config"]["num_workers"] == 5
+  # fltrust gets the server's gradient on its root set (100 training examples by default).
+  assert result["config"]["server_examples"] == 100
   assert result["command"].startswith("python -m experiments.train --dataset synthetic")
-  for rule in ("median", "flag"):
+  for rule in ("fltrust", "flag"):
     run = result["rules"][rule]["runs"][0]
     # One entry per evaluation in every per-step list (None where no chunk ran yet).
     assert len(run["honest_loss"]) == len(run["steps"]) == len(run["byzantine_weight"])
@@ -286,7 +288,7 @@ def test_train_end_to_end(tmp_path, capsys):
   versions = result["versions"]
   assert versions["cpu"] and versions["jaxlib"] and "git_commit" in versions
   # Rerunning the same command resumes: every finished run is read back, not recomputed.
-  code = train.main(TINY + ["--rules", "median", "flag", "bulyan", "--attack", "sign_flip",
+  code = train.main(TINY + ["--rules", "fltrust", "flag", "bulyan", "--attack", "sign_flip",
                             "--out", str(tmp_path), "--name", "tiny"])
   assert code == 0
   assert capsys.readouterr().out.count("reused") == 2
@@ -410,18 +412,6 @@ def test_progress_bar_stays_off_when_stderr_is_not_a_terminal(monkeypatch):
   bar.update(10)
   bar.close()
   assert sys.stderr.getvalue() == ""
-
-
-def test_the_newer_defences_train_and_fltrust_gets_the_servers_data(tmp_path):
-  # dnc takes the step's key, fltrust the server's gradient on its root set.
-  code = train.main(TINY + ["--rules", "dnc", "fltrust",
-                            "--attack", "sign_flip", "--server-examples", "40",
-                            "--out", str(tmp_path), "--name", "defences"])
-  assert code == 0
-  result = json.loads((tmp_path / "defences.json").read_text())
-  for rule in ("dnc", "fltrust"):
-    assert result["rules"][rule]["runs"][0]["final_accuracy"] > 0.5, rule  # chance is 0.1
-  assert result["config"]["server_examples"] == 40
 
 
 def test_flag_released_is_a_rule_spec(tmp_path):

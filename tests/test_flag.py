@@ -501,8 +501,9 @@ def np_grassmann_best(x, rank, lam, restarts=30, seed=0):
   return best
 
 
-@pytest.mark.parametrize("seed,d,lam,byzantine", [(0, 20, 0.0, 0), (3, 20, 0.0, 0),
-                                                  (1, 200, 0.0, 3), (2, 200, 8.0, 3)])
+# Each case costs ~20 s of Grassmannian search: one clean case, one with Byzantine rows and
+# the pair term.
+@pytest.mark.parametrize("seed,d,lam,byzantine", [(0, 20, 0.0, 0), (2, 200, 8.0, 3)])
 def test_multistart_flag_against_an_independent_grassmannian_search(seed, d, lam, byzantine):
   rng = np.random.default_rng(seed)
   x = rng.normal(size=(15, d))

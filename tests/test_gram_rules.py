@@ -253,14 +253,15 @@ class GramRulesTest(chex.TestCase):
     xb = np.asarray(jnp.asarray(x, jnp.bfloat16), np.float32)
     cb = np.asarray(jnp.asarray(center, jnp.bfloat16), np.float32)
     for name, (rule, oracle) in STANDARD_RULES.items():
-      out = rule(jnp.asarray(x, jnp.bfloat16), jnp.asarray(center, jnp.bfloat16))
+      # Jitted: eager calls compile every op of the rule apart.
+      out = jax.jit(rule)(jnp.asarray(x, jnp.bfloat16), jnp.asarray(center, jnp.bfloat16))
       self.assertEqual(out.dtype, jnp.bfloat16)
       np.testing.assert_allclose(np.asarray(out, np.float32), oracle(xb, cb), rtol=2e-2,
                                  atol=2e-2, err_msg=name)
     with jax.enable_x64(True):
       x64, c64 = standard_rows(82, np.float64), standard_center(83, np.float64)
       for name, (rule, oracle) in STANDARD_RULES.items():
-        out = rule(x64, c64)
+        out = jax.jit(rule)(x64, c64)
         self.assertEqual(out.dtype, jnp.float64)
         np.testing.assert_allclose(out, oracle(x64, c64), rtol=1e-6, atol=1e-8, err_msg=name)
       np.testing.assert_allclose(GM_TRACED(x64, 200, 0.0), np_weiszfeld(x64, 200, 0.0),

@@ -191,14 +191,15 @@ class KrumTest(chex.TestCase):
     xb = jnp.asarray(x, jnp.bfloat16)
     rounded = np.asarray(xb, np.float32)
     for name, oracle in RULES.items():
-      out = getattr(aggregators, name)(xb, f)
+      # Jitted: eager calls compile every op of the rule apart (most of this test's time).
+      out = jax.jit(getattr(aggregators, name), static_argnums=1)(xb, f)
       self.assertEqual(out.dtype, jnp.bfloat16)
       chex.assert_trees_all_close(out.astype(np.float32),
                                   oracle(rounded, f).astype(np.float32), atol=1e-2, rtol=1e-2)
     with jax.enable_x64(True):
       x64 = helpers.random_rows(4, n, 6, np.float64)
       for name, oracle in RULES.items():
-        out = getattr(aggregators, name)(jnp.asarray(x64), f)
+        out = jax.jit(getattr(aggregators, name), static_argnums=1)(jnp.asarray(x64), f)
         self.assertEqual(out.dtype, jnp.float64)
         np.testing.assert_allclose(out, oracle(x64, f), rtol=1e-12, atol=1e-12)
 
@@ -275,6 +276,7 @@ jit_multi_krum = jax.jit(aggregators.multi_krum, static_argnums=(1, 2))
 jit_bulyan = jax.jit(aggregators.bulyan, static_argnums=1)
 
 
+@hypothesis.settings(max_examples=6)  # each new shape compiles anew
 @hypothesis.given(n=st.integers(3, 40), d=st.integers(1, 9), seed=st.integers(0, 2**16),
                   data=st.data())
 def test_property_krum_family(n, d, seed, data):
@@ -296,6 +298,7 @@ def test_property_krum_family(n, d, seed, data):
                              rtol=1e-5, atol=1e-5)
 
 
+@hypothesis.settings(max_examples=6)  # each new shape compiles anew
 @hypothesis.given(n=st.integers(3, 40), d=st.integers(1, 9), seed=st.integers(0, 2**16),
                   data=st.data())
 def test_property_bulyan(n, d, seed, data):
