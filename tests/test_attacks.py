@@ -473,7 +473,7 @@ class ManipulationAttackTest(chex.TestCase):
           np.concatenate([out["a"], out["b"].reshape(f, 7)], 1), attack(flat, f), rtol=1e-5)
     # vmap over independent honest sets equals one call per set.
     sets = np.stack([flat, 2 * flat[::-1] + 1])
-    batched = jax.vmap(lambda rows: attacks.min_sum(rows, f))(sets)
+    batched = jax.jit(jax.vmap(lambda rows: attacks.min_sum(rows, f)))(sets)
     for k in range(2):
       np.testing.assert_allclose(batched[k], min_sum(sets[k], f), rtol=1e-5, atol=1e-6)
     # dtypes follow the honest rows; float16 computes in float32.

@@ -297,9 +297,10 @@ class FlagTransformsTest(chex.TestCase):
 
   def test_bfloat16_computes_in_float32(self):
     x = jnp.asarray(helpers.random_rows(7, 9, 16), jnp.bfloat16)
-    out = aggregators.flag(x, lam=1.0)
+    flag = jax.jit(functools.partial(aggregators.flag, lam=1.0))  # eager: every op compiled
+    out = flag(x)
     self.assertEqual(out.dtype, jnp.bfloat16)
-    expected = aggregators.flag(x.astype(jnp.float32), lam=1.0)
+    expected = flag(x.astype(jnp.float32))
     np.testing.assert_allclose(out.astype(np.float32), expected, atol=1e-2)
 
   def test_nonfinite_and_zero_rows_are_left_out(self):
