@@ -144,16 +144,6 @@ def _scale_rows(x, scale: jax.Array):
   return jax.tree.map(leaf_fn, x)
 
 
-def _clip_scale(row_norms: jax.Array, threshold: jax.Array) -> jax.Array:
-  """``min(1, threshold / |x_i|)``, 1 for non-finite rows (they pass through unchanged).
-
-  ``row_norms`` from :func:`flagjax.core.gram.row_norms`: finite for every finite row, so
-  a finite row of 1e20 (whose squared norm overflows float32) is clipped like any other.
-  """
-  over = jnp.isfinite(row_norms) & (row_norms > threshold)
-  return jnp.where(over, threshold / jnp.where(over, row_norms, 1), 1)
-
-
 def clip(x, c, *, axis_name=None):
   r"""Clips each row to norm at most ``c``: :math:`y_i = x_i \min(1, c / |x_i|)`.
 
@@ -172,7 +162,7 @@ def clip(x, c, *, axis_name=None):
   tree_lib.num_workers("clip", x)
   checks.check_real("clip", "c", c, minimum=0)
   norms = gram_lib.row_norms(x, axis_name=axis_name)
-  return _scale_rows(x, _clip_scale(norms, jnp.maximum(jnp.asarray(c, norms.dtype), 0)))
+  return _scale_rows(x, gram_lib.clip_scale(norms, jnp.maximum(jnp.asarray(c, norms.dtype), 0)))
 
 
 def arc(x, f: int, *, axis_name=None):
@@ -207,4 +197,4 @@ def arc(x, f: int, *, axis_name=None):
   ranked = jnp.where(jnp.isfinite(norms), norms, jnp.inf)
   # The (k+1)-th largest norm; top_k is over n values (tiny).
   threshold = jax.lax.top_k(ranked, k + 1)[0][k]
-  return _scale_rows(x, _clip_scale(norms, threshold))
+  return _scale_rows(x, gram_lib.clip_scale(norms, threshold))

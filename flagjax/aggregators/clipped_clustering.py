@@ -50,7 +50,7 @@ def clipped_clustering_coefficients(K: jax.Array, *, tau: Optional[float] = None
   cosine = jnp.where((norms[:, None] > 0) & (norms[None, :] > 0),
                      K / safe[:, None] / safe[None, :], 0)
   group = clustering.largest_agglomerative_group(1 - jnp.clip(cosine, -1, 1), finite)
-  scale = jnp.where(norms > threshold, threshold / safe, 1)
+  scale = gram_lib.clip_scale(norms, threshold)
   coefficients = jnp.where(group, scale, 0) / jnp.maximum(jnp.sum(group), 1)
   return jnp.where(jnp.any(finite), coefficients, jnp.nan)
 

@@ -116,7 +116,7 @@ def signguard(x, key, *, lower: float = 0.1, upper: float = 3.0,
   features = features / jnp.where(peak > 0, peak, 1)
   sign_ok = clustering.largest_mean_shift_cluster(features, finite, quantile=_QUANTILE)
   chosen = norm_ok & sign_ok
-  scale = jnp.where(norms > median, median / jnp.where(norms > 0, norms, 1), 1)
+  scale = gram_lib.clip_scale(norms, median)
   coefficients = jnp.where(chosen, scale, 0) / jnp.maximum(jnp.sum(chosen), 1)
   coefficients = jnp.where(jnp.any(finite), coefficients, jnp.nan)
   return gram_lib.combine(coefficients, x)

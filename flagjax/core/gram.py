@@ -30,6 +30,7 @@ from flagjax.core import tree as tree_lib
 __all__ = [
     "chunk_reference",
     "clean_gram",
+    "clip_scale",
     "combine",
     "combine_by_gram",
     "combine_many",
@@ -416,6 +417,18 @@ def nonfinite_rows(x: PyTree, *, axis_name=None) -> jax.Array:
   if axis_name is not None:
     total = jax.lax.psum(total, axis_name)
   return ~jnp.isfinite(total)
+
+
+def clip_scale(row_norms: jax.Array, threshold: jax.Array) -> jax.Array:
+  """``min(1, threshold / |x_i|)``: the scale that clips each row to norm ``threshold``; 1 for
+  zero and non-finite rows (they pass through unchanged). Shared by ``clip``, ``arc``,
+  SignGuard and Clipped Clustering.
+
+  ``row_norms`` from :func:`row_norms`: finite for every finite row, so
+  a finite row of 1e20 (whose squared norm overflows float32) is clipped like any other.
+  """
+  over = jnp.isfinite(row_norms) & (row_norms > threshold)
+  return jnp.where(over, threshold / jnp.where(over, row_norms, 1), 1)
 
 
 def _sums_of_squares(x: PyTree, scales, axis_name) -> tuple:
