@@ -57,6 +57,14 @@ class Config:
   offline: bool = False
   # FLTrust's root data: training examples the server holds, kept out of every worker's shard.
   server_examples: int = 100
+  # Federated rounds: local SGD steps per round (1: plain gradients), and client sampling.
+  local_steps: int = 1
+  clients_per_round: Optional[int] = None
+
+  @property
+  def rows_per_round(self) -> int:
+    """The rows the rule aggregates each step: ``clients_per_round`` or every worker."""
+    return self.clients_per_round or self.num_workers
 
   @property
   def rule_f(self) -> int:
@@ -79,6 +87,11 @@ class Config:
     out.pop("offline")
     if not any(specs.takes_server_update(specs.parse_spec(rule, "rule")) for rule in self.rules):
       out.pop("server_examples")  # only runs that give the server data depend on it
+    # Options at their defaults are left out, so results of runs made before they existed
+    # keep their keys (and are reused).
+    for option, default in (("local_steps", 1), ("clients_per_round", None)):
+      if out[option] == default:
+        out.pop(option)
     return out
 
 
@@ -120,7 +133,12 @@ def validate(config: Config, *, allow_unavailable: bool = False) -> None:
     raise UsageError(f"--num-byzantine must be in [0, num_workers), got {f} with "
                      f"--num-workers {n}")
   if not 0 <= config.rule_f < n:
-    raise UsageError(f"--assumed-byzantine must be in [0, num_workers), got {config.rule_f}")
+    raise UsageError(f"--declared-f must be in [0, num_workers), got {config.rule_f}")
+  if config.local_steps < 1:
+    raise UsageError(f"--local-steps must be >= 1, got {config.local_steps}")
+  if config.clients_per_round is not None and not 1 <= config.clients_per_round <= n:
+    raise UsageError(f"--clients-per-round must be in [1, num_workers], got "
+                     f"{config.clients_per_round} with --num-workers {n}")
   for name, value in (("--steps", config.steps), ("--batch-size", config.batch_size),
                       ("--eval-every", config.eval_every)):
     if value < 1:
@@ -201,7 +219,11 @@ def prepare(config: Config) -> Prepared:
 
 
 def make_optimizer(config: Config):
-  """The optax optimizer applied to the aggregate (after the aggregation stage)."""
+  """The optax optimizer of ``--optimizer``/``--lr``/``--momentum``/``--weight-decay``.
+
+  Applied to the aggregate after the aggregation stage; with ``--local-steps`` > 1 it is the
+  workers' local optimizer instead (:func:`server_optimizer`).
+  """
   import optax
   stages = []
   if config.weight_decay:
@@ -211,6 +233,24 @@ def make_optimizer(config: Config):
   else:
     stages.append(optax.adam(config.lr))
   return stages
+
+
+def server_optimizer(config: Config):
+  """The stages after the aggregator: :func:`make_optimizer`'s, or with local training
+  (``--local-steps`` > 1) FedAvg's server step ``params - aggregate(deltas)`` (rate 1), the
+  training options then acting on the workers' local steps."""
+  import optax
+  if config.local_steps > 1:
+    return [optax.sgd(1.0)]
+  return make_optimizer(config)
+
+
+def local_optimizer(config: Config):
+  """The workers' local optimizer with ``--local-steps`` > 1, else None (plain gradients)."""
+  if config.local_steps == 1:
+    return None
+  import optax
+  return optax.chain(*make_optimizer(config))
 
 
 def _sharded_devices(config: Config):
@@ -276,19 +316,21 @@ def build_step(config: Config, prepared: Prepared, rule_text: str,
 
   rule = specs.parse_spec(rule_text, "rule")
   n, f, rule_f = config.num_workers, config.num_byzantine, config.rule_f
-  specs.check_rule(rule, n, rule_f)
+  rows = config.rows_per_round
+  specs.check_rule(rule, rows, rule_f)
   if plan is None:
     plan = make_attack_plan(config, prepared, rule)
   tx = optax.chain(*plan.pre,
-                   specs.make_aggregator(rule, rule_f, n, config.worker_momentum),
-                   *make_optimizer(config))
+                   specs.make_aggregator(rule, rule_f, rows, config.worker_momentum),
+                   *server_optimizer(config))
   devices = None if config.backend == "vmap" else _sharded_devices(config)
   server_batch = prepared.server_batch if specs.takes_server_update(rule) else None
   try:
     step = flagjax.sim.make_train_step(
         prepared.loss_fn, tx, num_workers=n, num_byzantine=f, attack=plan.attack,
         data_attack=plan.data_attack, backend=config.backend, devices=devices,
-        server_batch=server_batch)
+        server_batch=server_batch, local_steps=config.local_steps,
+        local_optimizer=local_optimizer(config), clients_per_round=config.clients_per_round)
   except ValueError as error:
     raise UsageError(str(error).splitlines()[0]) from None
   return CompiledRule(rule, tx, step)
@@ -301,19 +343,24 @@ def scan_steps(step: Callable, config: Config, params, opt_state, key, first_ste
   Keys come from the step number (``fold_in(key, step)``), so how the steps are split into
   chunks (``--eval-every``) or batched over runs (the leaderboard) does not change a run.
   Returns ``(params, opt_state, mean honest loss, mean Byzantine weight)``; the weight is the
-  Byzantine rows' share of a Gram-space rule's coefficients (NaN for the other rules).
+  Byzantine rows' share of a Gram-space rule's coefficients (NaN for the other rules). With
+  ``--local-steps k`` each worker's batch is ``k`` micro-batches of ``--batch-size``.
   """
   import jax
   import jax.numpy as jnp
-  n, f = config.num_workers, config.num_byzantine
+  n, f, k = config.num_workers, config.num_byzantine, config.local_steps
 
   def body(carry, step_number):
     params, opt_state = carry
     batch_key, step_key = jax.random.split(jax.random.fold_in(key, step_number))
-    batch = data_lib.sample_batches(batch_key, shards, images, labels, config.batch_size)
+    batch = data_lib.sample_batches(batch_key, shards, images, labels, config.batch_size * k)
+    if k > 1:
+      batch = jax.tree.map(lambda a: a.reshape((n, k, config.batch_size) + a.shape[2:]), batch)
     params, opt_state, metrics = step(params, opt_state, batch, step_key)
     coefficients = metrics["coefficients"]
-    byzantine_weight = jnp.sum(coefficients[n - f:]) / jnp.sum(coefficients)
+    worker = metrics.get("clients", jnp.arange(n))  # the worker behind each aggregated row
+    byzantine_weight = jnp.sum(jnp.where(worker >= n - f, coefficients, 0)) / jnp.sum(
+        coefficients)
     return (params, opt_state), (metrics["honest_loss"], byzantine_weight)
   (params, opt_state), (losses, weights) = jax.lax.scan(
       body, (params, opt_state), first_step + jnp.arange(length))
@@ -661,8 +708,14 @@ def build_parser() -> argparse.ArgumentParser:
                  help=f"number of workers n (default: {d.num_workers})")
   g.add_argument("--num-byzantine", "-f", type=int, metavar="F",
                  help=f"number of Byzantine workers f, the last f (default: {d.num_byzantine})")
-  g.add_argument("--assumed-byzantine", type=int, metavar="F",
-                 help="the f the rules are told (default: --num-byzantine)")
+  g.add_argument("--declared-f", "--assumed-byzantine", type=int, metavar="F",
+                 dest="assumed_byzantine",
+                 help="the f the rules are told, when the defender over- or under-estimates "
+                      "(default: --num-byzantine)")
+  g.add_argument("--clients-per-round", type=int, metavar="M",
+                 help="client sampling: each step the rule aggregates M of the n workers, "
+                      "sampled without replacement (Byzantine ones like the others) "
+                      "(default: all n)")
   g.add_argument("--attack", metavar="SPEC",
                  help=f"what the Byzantine workers do, see below (default: {d.attack})")
   g.add_argument("--rules", nargs="+", metavar="SPEC",
@@ -685,6 +738,10 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--worker-momentum", type=float, metavar="BETA",
                  help="aggregate each worker's momentum m_i <- beta m_i + (1 - beta) g_i "
                       "instead of its raw gradient (Karimireddy et al. 2021) (default: off)")
+  g.add_argument("--local-steps", type=int, metavar="K",
+                 help="federated rounds: each worker takes K local steps of --optimizer at "
+                      "--lr on K batches and sends its model delta; the server adds the "
+                      f"aggregated delta (FedAvg, rate 1) (default: {d.local_steps})")
   g.add_argument("--seeds", type=int, nargs="+", metavar="S",
                  help="seeds of model init, data split, batches and attack noise; results are "
                       f"averaged over them (default: {' '.join(map(str, d.seeds))})")

@@ -29,6 +29,11 @@ Calling convention of every ``update`` here (shared with :mod:`flagjax.sim`):
   layout; ``scatter(params layout) -> tree of [..., s]`` takes this device's slice.
 * ``key``: a ``jax.random`` key for transforms that need one (bucketing, lossy links); it
   must be the same on every device.
+* ``declared_byzantine``: the ``f`` told to a rule or pre-aggregator built without one (a
+  static int; :func:`flagjax.sim.make_train_step` passes its ``declared_byzantine`` when
+  given). An ``f`` given when building must agree with it (else ``ValueError``).
+* ``params``: when given, each update leaf is checked against its parameter (``[n,
+  *param_shape]``, or ``[n, s]`` shards), with a ``ValueError`` naming both shapes.
 
 Unknown extra keyword arguments are ignored (so the sim's extras pass through ``optax.chain``).
 """
@@ -67,10 +72,12 @@ class AggregateState(NamedTuple):
 
   Attributes:
     coefficients: ``[n]`` float32 per-worker coefficients of the last aggregate
-      (``aggregate = sum_i c_i x_i`` over the rows the rule received); NaN when the rule is
-      not Gram-space (coordinate-wise rules, Bulyan). ``[0]`` after ``init`` when
-      ``num_workers`` was not given (it becomes ``[n]`` at the first update).
-    aggregate_norm: ``[]`` float32 norm of the last aggregate (NaN before the first update).
+      (``aggregate = sum_i c_i x_i`` over the rows the rule received; zeros after ``init``)
+      when the rule is Gram-space and ``num_workers=n`` was given. Otherwise ``[0]``, always:
+      the state's shapes are fixed by ``init`` (one compilation, ``lax.scan``-able) and hold
+      no NaN placeholders (a multi-host ``device_put`` checks that every process passes the
+      same state, and NaN != NaN).
+    aggregate_norm: ``[]`` float32 norm of the last aggregate (0 before the first update).
     previous_aggregate: for a rule with a ``center`` argument (centered clipping) not given
       one: the last aggregate, shaped like params (zeros at ``init``), the next centre.
       None otherwise.
@@ -198,6 +205,46 @@ def _binds(fn: Callable, *args, **kwargs) -> bool:
   return True
 
 
+def _declared_f(name: str, extra_args: dict) -> int:
+  """The ``f`` a rule built without one is told: ``declared_byzantine=`` of the update call."""
+  declared = extra_args.get("declared_byzantine")
+  if declared is None:
+    raise ValueError(f"{name} needs f: give it when building (f=...) or pass "
+                     f"declared_byzantine= to update (flagjax.sim.make_train_step does)")
+  return int(declared)
+
+
+def _check_declared_agrees(name: str, hparams: dict, extra_args: dict) -> None:
+  """Refuses a ``declared_byzantine`` that contradicts the ``f`` the rule was built with."""
+  declared = extra_args.get("declared_byzantine")
+  if declared is not None and "f" in hparams and int(declared) != hparams["f"]:
+    raise ValueError(f"{name} was built with f={hparams['f']} but declared_byzantine="
+                     f"{int(declared)} was passed; build it without f to take the declared "
+                     f"count")
+
+
+def _reports_coefficients(rule: Callable, hparams: dict, *, takes_f: bool,
+                          wants_server: bool) -> bool:
+  """Whether :func:`_apply_rule` will take the Gram path (and so report coefficients).
+
+  Decided when the aggregator is built, from the same binding test with the arguments that
+  only arrive at update time (``f``, ``key``, ``server_update``) stood in for.
+  """
+  if rule is _mean_rule:
+    return True
+  coefficients_fn = coefficients_function(rule)
+  if coefficients_fn is None:
+    return False
+  kwargs = {k: v for k, v in hparams.items() if k != "center"}
+  if takes_f:
+    kwargs["f"] = 0
+  if wants_server:
+    kwargs["server_update"] = None
+  if _takes(rule, "key") and "key" not in kwargs:
+    kwargs["key"] = None
+  return _binds(coefficients_fn, None, **kwargs)
+
+
 def _shape_of(tree: PyTree) -> PyTree:
   return jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), jnp.result_type(a)), tree)
 
@@ -294,7 +341,12 @@ def aggregate(rule: Callable, *, worker_momentum: Optional[float] = None,
     ``scatter`` when sharded). :func:`flagjax.sim.make_train_step` passes it when built
     with ``server_batch=``.
 
-  Bounds are checked when ``update`` is traced, with the rule's own ``ValueError``.
+  * A rule taking ``f`` built without it gets ``f`` from the update's ``declared_byzantine=``
+    (what :func:`flagjax.sim.make_train_step` passes: the defender's declared count).
+
+  Hyperparameters the rule does not take are refused here, when building; bounds are checked
+  when ``update`` is traced, with the rule's own ``ValueError``. The state's shapes are fixed
+  by ``init`` (see :class:`AggregateState`).
 
   Args:
     rule: any rule ``rule(x, **hparams, axis_name=None)`` of :mod:`flagjax.aggregators` (or
@@ -341,23 +393,29 @@ def aggregate(rule: Callable, *, worker_momentum: Optional[float] = None,
   # A rule that takes the server's update (FLTrust) gets it at update time, unless fixed here.
   wants_server = _takes(rule, "server_update") and "server_update" not in hparams
 
+  # A rule built without f (and taking one) is told f at update time: declared_byzantine=.
+  takes_f = _takes(rule, "f") and "f" not in hparams
+  records = num_workers is not None and _reports_coefficients(
+      rule, hparams, takes_f=takes_f, wants_server=wants_server)
+
   def init_fn(params):
     return AggregateState(
-        coefficients=jnp.full((num_workers or 0,), jnp.nan, jnp.float32),
-        aggregate_norm=jnp.asarray(jnp.nan, jnp.float32),
+        coefficients=jnp.zeros((num_workers if records else 0,), jnp.float32),
+        aggregate_norm=jnp.zeros((), jnp.float32),
         previous_aggregate=(jax.tree.map(jnp.zeros_like, params) if keeps_center else None),
         worker_momentum=(_zeros_per_worker(params, num_workers)
                          if worker_momentum is not None else None))
 
   def update_fn(updates, state, params=None, *, axis_name=None, gather=None, scatter=None,
                 key=None, **extra_args):
-    del params
     sharded = axis_name is not None
     _check_sharding(name, axis_name, gather, scatter,
                     need_scatter=worker_momentum is not None or has_center or wants_server)
     n = tree_lib.num_workers(rule_name, updates)
     if num_workers is not None and n != num_workers:
       raise ValueError(f"{name} was built with num_workers={num_workers}, got n={n} rows")
+    if params is not None:
+      tree_lib.check_rows_match_params(name, updates, params, sharded=sharded)
     rows, new_momentum = updates, None
     if worker_momentum is not None:
       rows, new_momentum = _momentum_step(state.worker_momentum, updates, worker_momentum,
@@ -369,19 +427,21 @@ def aggregate(rule: Callable, *, worker_momentum: Optional[float] = None,
       center = fixed_center
     if center is not None and sharded:
       center = scatter(center)
-    rule_hparams = hparams
+    rule_hparams = dict(hparams)
+    _check_declared_agrees(name, hparams, extra_args)
+    if takes_f:
+      rule_hparams["f"] = _declared_f(name, extra_args)
     if wants_server:
       server_update = extra_args.get("server_update")
       if server_update is None:
         raise ValueError(f"{name} needs server_update= at update time (the server's own "
                          f"update, e.g. flagjax.sim.make_train_step(..., server_batch=...))")
-      rule_hparams = {**hparams,
-                      "server_update": scatter(server_update) if sharded else server_update}
+      rule_hparams["server_update"] = scatter(server_update) if sharded else server_update
     result, coefficients = _apply_rule(rule, rows, rule_hparams, axis_name=axis_name, key=key,
                                        has_center=has_center, center=center)
     full = gather(result) if sharded else result
     new_state = AggregateState(
-        coefficients=coefficients,
+        coefficients=coefficients if records else state.coefficients,
         aggregate_norm=_global_norm(full),
         previous_aggregate=(jax.tree.map(lambda old, new: new.astype(old.dtype),
                                          state.previous_aggregate, full)
@@ -419,10 +479,14 @@ def preaggregate(preaggregator: Callable, **hparams) -> optax.GradientTransforma
   name = f"preaggregate({_name(preaggregator)})"
   check_hyperparameters(name, preaggregator, hparams)
   needs_key = _takes(preaggregator, "key") and "key" not in hparams
+  takes_f = _takes(preaggregator, "f") and "f" not in hparams
 
   def update_fn(updates, state, params=None, *, axis_name=None, key=None, **extra_args):
-    del params, extra_args
+    del params
     kwargs = dict(hparams)
+    _check_declared_agrees(name, hparams, extra_args)
+    if takes_f:
+      kwargs["f"] = _declared_f(name, extra_args)
     if needs_key:
       if key is None:
         raise ValueError(f"{name} needs a jax.random key: pass key= to update")

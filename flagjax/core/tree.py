@@ -23,6 +23,7 @@ import jax.numpy as jnp
 __all__ = [
     "check_dtypes",
     "check_not_worker_list",
+    "check_rows_match_params",
     "compute_dtype",
     "num_workers",
     "output_dtype",
@@ -114,3 +115,26 @@ def to_output(value: jax.Array, like_dtype) -> jax.Array:
 def to_compute(value: jax.Array) -> jax.Array:
   """Casts an array to its compute dtype (a no-op for float32 / float64)."""
   return value.astype(compute_dtype(value.dtype))
+
+
+def check_rows_match_params(name: str, rows: PyTree, params: PyTree, *,
+                            sharded: bool = False) -> None:
+  """Refuses stacked rows that do not fit ``params``, with both shapes in the message.
+
+  Unsharded, each leaf must be ``[n, *param_leaf_shape]``; sharded (coordinate shards), each
+  leaf must be ``[n, s]``. Without this, ``[5, 4]`` rows against params ``[3]`` aggregate to a
+  ``[4]`` that optax then broadcasts or refuses far from the cause.
+  """
+  row_leaves, row_tree = jax.tree.flatten(rows)
+  param_leaves, param_tree = jax.tree.flatten(params)
+  if row_tree != param_tree:
+    raise ValueError(f"{name} got updates with tree structure {row_tree}, but params have "
+                     f"{param_tree}: the updates must be the params' pytree, stacked on a "
+                     f"leading worker axis")
+  for leaf, param in zip(row_leaves, param_leaves):
+    shape, param_shape = tuple(jnp.shape(leaf)), tuple(jnp.shape(param))
+    fits = len(shape) == 2 if sharded else shape[1:] == param_shape and len(shape) >= 1
+    if not fits:
+      expected = "[n, s] coordinate shards" if sharded else f"[n, *{list(param_shape)}]"
+      raise ValueError(f"{name} got an update leaf of shape {list(shape)} for a parameter of "
+                       f"shape {list(param_shape)}; expected {expected} (one row per worker)")
