@@ -303,6 +303,19 @@ class BadInputTest(chex.TestCase):
       self.assertTrue(np.all(np.isfinite(np.asarray(leaf))))
 
 
+class CompilesOnceTest(chex.TestCase):
+
+  def test_step_without_num_workers_compiles_once(self):
+    # The aggregator's state no longer changes shape at the first update ([0] -> [n]).
+    tx = optax.chain(flagjax.aggregate(aggregators.krum, f=1), optax.sgd(0.1))
+    step = sim.make_train_step(linear_loss, tx, num_workers=8, num_byzantine=1)
+    params, state = zero_params(), tx.init(zero_params())
+    for i in range(3):
+      params, state, _ = step(params, state, regression_batch(i, 8, 2, true_regression_params()),
+                              jax.random.key(i))
+    self.assertEqual(step._cache_size(), 1)
+
+
 class CoordinateShardingTest(chex.TestCase):
   """The public sharded calling convention in one's own shard_map, through process()."""
 

@@ -6,7 +6,7 @@
    ``flagjax.aggregate``, updated with stacked per-worker gradients (``nnx.vmap`` of
    ``nnx.grad``).
 
-Both give the same step as a hand-written loop; the simulator's backends agree. A model with
+Both give the same step as a hand-written loop. A model with
 BatchNorm keeps its statistics per worker (``has_state``).
 """
 
@@ -56,7 +56,7 @@ def cross_entropy(logits, labels):
 
 class SimulatorRouteTest(chex.TestCase):
 
-  def test_nnx_cnn_trains_and_backends_agree(self):
+  def test_nnx_cnn_with_dropout_trains_and_matches_a_plain_step(self):
     model = DropoutCNN(rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model, nnx.Param)
 
@@ -68,17 +68,9 @@ class SimulatorRouteTest(chex.TestCase):
     tx = optax.chain(flagjax.aggregate(aggregators.trimmed_mean, f=F, num_workers=N),
                      optax.sgd(lr))
     batches = list(digits_batches(40))
-    steps, new = {}, {}
-    for backend in ("vmap", "shard_map"):
-      steps[backend] = sim.make_train_step(loss_fn, tx, num_workers=N, num_byzantine=F,
-                                           attack=attacks.sign_flip, backend=backend,
-                                           has_rng=True)
-      p, s = params, tx.init(params)
-      for i, batch in enumerate(batches[:2]):
-        p, s, _ = steps[backend](p, s, batch, jax.random.key(i))
-      new[backend] = p
-    chex.assert_trees_all_close(new["shard_map"], new["vmap"], rtol=1e-4, atol=1e-6)
-    step = steps["vmap"]
+    # (The backends' agreement with per-worker keys is tests/test_federated.py's.)
+    step = sim.make_train_step(loss_fn, tx, num_workers=N, num_byzantine=F,
+                               attack=attacks.sign_flip, has_rng=True)
 
     # One step by hand: every worker's grad with its own dropout key, sign flip, trimmed mean.
     batch = batches[0]
