@@ -34,6 +34,7 @@ median step time) atomically into ``--out``.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import socket
@@ -43,6 +44,8 @@ import time
 from typing import Optional, Sequence
 
 import numpy as np
+
+from experiments import report
 
 NUM_WORKERS, NUM_BYZANTINE, IN_DIM, OUT_DIM, PER_WORKER = 16, 3, 20, 5, 8
 CONFIGS = ("krum", "trimmed_mean", "centered_clipping_momentum", "nnm_flag_adam")
@@ -133,12 +136,6 @@ def pmap_is_refused() -> bool:
   return False
 
 
-def _save_atomic(path: str, arrays: dict) -> None:
-  tmp = f"{path}.tmp.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)
-
-
 def run_process(args) -> None:
   """One process: join, train every configuration, write ``process_<id>.npz``."""
   import jax
@@ -153,8 +150,10 @@ def run_process(args) -> None:
     result = train(name, args.steps)
     for key, value in result.items():
       arrays[f"{name}/{key}"] = np.asarray(value)
-  os.makedirs(args.out, exist_ok=True)
-  _save_atomic(os.path.join(args.out, f"process_{args.process_id}.npz"), arrays)
+  buffer = io.BytesIO()
+  np.savez(buffer, **arrays)
+  report.atomic_write_bytes(os.path.join(args.out, f"process_{args.process_id}.npz"),
+                            buffer.getvalue())
 
 
 def free_port() -> int:

@@ -205,22 +205,23 @@ def _binds(fn: Callable, *args, **kwargs) -> bool:
   return True
 
 
-def _declared_f(name: str, extra_args: dict) -> int:
-  """The ``f`` a rule built without one is told: ``declared_byzantine=`` of the update call."""
-  declared = extra_args.get("declared_byzantine")
-  if declared is None:
-    raise ValueError(f"{name} needs f: give it when building (f=...) or pass "
-                     f"declared_byzantine= to update (flagjax.sim.make_train_step does)")
-  return int(declared)
+def _told_f(name: str, hparams: dict, takes_f: bool, extra_args: dict) -> dict:
+  """``{"f": declared}`` for a rule built without ``f`` (``takes_f``), else ``{}``.
 
-
-def _check_declared_agrees(name: str, hparams: dict, extra_args: dict) -> None:
-  """Refuses a ``declared_byzantine`` that contradicts the ``f`` the rule was built with."""
+  ``declared`` is the update call's ``declared_byzantine=``; it is refused when missing for
+  such a rule, and when it contradicts the ``f`` the rule was built with.
+  """
   declared = extra_args.get("declared_byzantine")
   if declared is not None and "f" in hparams and int(declared) != hparams["f"]:
     raise ValueError(f"{name} was built with f={hparams['f']} but declared_byzantine="
                      f"{int(declared)} was passed; build it without f to take the declared "
                      f"count")
+  if not takes_f:
+    return {}
+  if declared is None:
+    raise ValueError(f"{name} needs f: give it when building (f=...) or pass "
+                     f"declared_byzantine= to update (flagjax.sim.make_train_step does)")
+  return {"f": int(declared)}
 
 
 def _reports_coefficients(rule: Callable, hparams: dict, *, takes_f: bool,
@@ -427,10 +428,7 @@ def aggregate(rule: Callable, *, worker_momentum: Optional[float] = None,
       center = fixed_center
     if center is not None and sharded:
       center = scatter(center)
-    rule_hparams = dict(hparams)
-    _check_declared_agrees(name, hparams, extra_args)
-    if takes_f:
-      rule_hparams["f"] = _declared_f(name, extra_args)
+    rule_hparams = {**hparams, **_told_f(name, hparams, takes_f, extra_args)}
     if wants_server:
       server_update = extra_args.get("server_update")
       if server_update is None:
@@ -483,10 +481,7 @@ def preaggregate(preaggregator: Callable, **hparams) -> optax.GradientTransforma
 
   def update_fn(updates, state, params=None, *, axis_name=None, key=None, **extra_args):
     del params
-    kwargs = dict(hparams)
-    _check_declared_agrees(name, hparams, extra_args)
-    if takes_f:
-      kwargs["f"] = _declared_f(name, extra_args)
+    kwargs = {**hparams, **_told_f(name, hparams, takes_f, extra_args)}
     if needs_key:
       if key is None:
         raise ValueError(f"{name} needs a jax.random key: pass key= to update")

@@ -138,14 +138,20 @@ def _shard_size(size: int, num_devices: int) -> int:
   return -(-size // num_devices)
 
 
+def _sizes_along(tree: PyTree, axis: int) -> list:
+  """The distinct sizes of axis ``axis`` over the leaves (None for a leaf without it)."""
+  sizes = {jnp.shape(leaf)[axis] if jnp.ndim(leaf) > axis else None
+           for leaf in jax.tree.leaves(tree)}
+  return sorted(sizes, key=str)
+
+
 def _check_batch(batch: PyTree, num_workers: int) -> None:
-  leaves = jax.tree.leaves(batch)
-  if not leaves:
+  if not jax.tree.leaves(batch):
     raise ValueError(f"{_NAME} needs a batch with at least one array, got {batch!r}")
-  leading = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None for leaf in leaves}
-  if leading != {num_workers}:
+  leading = _sizes_along(batch, 0)
+  if leading != [num_workers]:
     raise ValueError(f"{_NAME} needs every batch leaf to have leading axis "
-                     f"num_workers={num_workers}, got leading sizes {sorted(leading, key=str)}")
+                     f"num_workers={num_workers}, got leading sizes {leading}")
 
 
 def _make_worker_update(loss_fn: Callable, *, has_aux: bool, has_rng: bool, has_state: bool,
@@ -430,21 +436,19 @@ def to_coordinate_shards(updates: PyTree, num_devices: int,
 
 
 def _check_local_batch(batch: PyTree, local_steps: int) -> None:
-  leading = {jnp.shape(leaf)[1] if jnp.ndim(leaf) > 1 else None
-             for leaf in jax.tree.leaves(batch)}
-  if leading != {local_steps}:
+  second = _sizes_along(batch, 1)
+  if second != [local_steps]:
     raise ValueError(f"{_NAME} with local training needs every batch leaf shaped "
                      f"[num_workers, local_steps={local_steps}, ...] (one micro-batch per "
-                     f"local step), got second axes {sorted(leading, key=str)}")
+                     f"local step), got second axes {second}")
 
 
 def _check_model_state(model_state: PyTree, num_workers: int) -> None:
-  leaves = jax.tree.leaves(model_state)
-  leading = {jnp.shape(leaf)[0] if jnp.ndim(leaf) else None for leaf in leaves}
-  if not leaves or leading != {num_workers}:
+  leading = _sizes_along(model_state, 0)
+  if leading != [num_workers]:  # (also when the state has no array at all)
     raise ValueError(f"{_NAME} with has_state needs model_state leaves with leading axis "
                      f"num_workers={num_workers} (one state per worker), got leading sizes "
-                     f"{sorted(leading, key=str)}")
+                     f"{leading}")
 
 
 def _local_optimizer(local_steps: int, local_optimizer):
@@ -654,7 +658,7 @@ def make_train_step(loss_fn: Callable[..., Any],
       check_batch(batch, model_state)
       keys = split_step_key(key)
       rngs = jax.random.split(keys.workers, n)
-      states = model_state if has_state else jnp.zeros((n, 0))
+      states = model_state  # () without has_state: a pytree without leaves
       if use_attack and not (has_aux or has_state):
         # The Byzantine workers' own updates would be discarded: take only the honest ones.
         losses, aux, updates, _ = _workers(worker_update, params, states[:num_honest],
@@ -686,7 +690,7 @@ def make_train_step(loss_fn: Callable[..., Any],
                      f"backend='shard_map' across hosts")
   workers_per_device = n // num_devices
 
-  def device_step(params, opt_state, local_batch, key, local_state=None):
+  def device_step(params, opt_state, local_batch, key, local_state=()):
     """One device: its ``workers_per_device`` workers, then its coordinate shard."""
     axis = WORKER_AXIS
     device = jax.lax.axis_index(axis)
@@ -703,8 +707,7 @@ def make_train_step(loss_fn: Callable[..., Any],
     # Replicated params would make grad psum the cotangents over devices; as varying values
     # each device differentiates its own workers' losses only.
     varying_params = jax.lax.pcast(params, axis, to="varying")
-    states = local_state if has_state else jnp.zeros((workers_per_device, 0))
-    losses, aux, local_updates, states = _workers(worker_update, varying_params, states,
+    losses, aux, local_updates, states = _workers(worker_update, varying_params, local_state,
                                                   local_batch, rngs)
     honest = (worker_ids < num_honest).astype(jnp.float32)
     honest_loss = jax.lax.psum(jnp.sum(honest * losses.astype(jnp.float32)), axis) / num_honest

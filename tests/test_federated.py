@@ -99,8 +99,8 @@ class LocalStepsTest(chex.TestCase):
                                  rtol=1e-5)
 
   def test_one_local_sgd_step_of_rate_one_is_the_gradient(self):
-    # local_optimizer None, k = 1 with an explicit optimizer of rate 1: the delta is the
-    # gradient, so the run equals the plain gradient step (up to rounding of p - (p - g)).
+    # One local step (k = 1) of SGD at rate 1: the delta is the gradient, so the run equals
+    # the plain gradient step (up to rounding of p - (p - g)).
     n, f = 8, 1
     batch = regression_batch(60, n, 4, true_regression_params(8))
     micro = {key: v[:, None] for key, v in batch.items()}
