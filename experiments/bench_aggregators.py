@@ -11,6 +11,14 @@ For every ``n`` (workers) and ``d`` (coordinates) of the grid, one random float3
   d-space form of flagjax's objective, not of the released pair term), for the ``flag`` rows;
 * the one-pass bound ``ones @ x`` (in JAX, and ``torch.ones(n) @ x`` for ByzFL's side).
 
+The grid (``--grid``, or ``--n``/``--d`` directly): ``default`` (n in {16, 32, 64}, d in {1e5,
+1e6, 1e7}, ~20 minutes); ``small-models`` (n in {16, 32}, d in {1e5, 1e6}: small models, where
+per-call overheads and the extra passes of a rule weigh most against ByzFL); ``many-workers``
+(n in {128, 256, 1024}, d = 1e5, f = n/4: cross-device federated rounds; ByzFL's Python
+loops are too slow there, so pass ``--libraries flagjax``; SMEA keeps f = n/4 above n = 64 and
+reports its refusal); ``memory`` (n = 32, d = 1e7, with ``--memory``: XLA's memory plan of
+every rule, from compilation alone).
+
 Timings are robust to a busy machine: every JAX function is compiled ahead of time (ByzFL
 is called once to warm up); then, rule by rule, the JAX calls (one pass, the flagjax rule, the
 d-space Flag) are made *interleaved*, ``--reps`` times, followed by the torch calls (torch's
@@ -33,6 +41,10 @@ ByzFL's ``MDA`` enumerates all ``C(n, f)`` subsets in Python and is skipped abov
 ``--byzfl-max-subsets``. Pre-aggregators return ``[n, d]``: flagjax allocates a new output
 (writing ``n x d`` fresh floats costs several passes on a CPU), while ByzFL's ``ARC``
 overwrites the clipped rows of its input in place (it gets its own copy of the input here).
+The ``(donated)`` rows jit flagjax's rule with ``donate_argnums=0``, so XLA may write the
+output into the input's buffer, as a training step that no longer needs the raw updates can;
+each of their calls gets a fresh copy of the input, made before the clock starts.
+``centered_clipping(num_iters=1)`` is ByzFL's default (one step, ``tau=100``) on both sides.
 
 ByzFL is optional (``pip install -e ".[bench]"`` in an environment with a CPU torch, or the
 steps in the README). Only its aggregator modules are loaded: its package ``__init__`` imports
@@ -41,10 +53,13 @@ its training framework and with it torchvision, which a CPU-only environment may
 Examples::
 
     python -m experiments.bench_aggregators                      # the full grid
+    python -m experiments.bench_aggregators --grid small-models  # n 16, 32; d 1e5, 1e6
+    python -m experiments.bench_aggregators --grid many-workers --libraries flagjax
     python -m experiments.bench_aggregators --n 32 --d 1e6       # one cell
     python -m experiments.bench_aggregators --n 32 --d 2e6 --libraries flagjax
     python -m experiments.bench_aggregators --rules median,krum,flag --reps 5
     python -m experiments.bench_aggregators --merge run1/aggregators.json run2/aggregators.json
+    python -m experiments.bench_aggregators --memory --grid memory   # XLA's memory plan
 """
 
 from __future__ import annotations
@@ -73,6 +88,14 @@ from flagjax import preaggregators
 LIBRARIES = ("flagjax", "byzfl", "dspace")
 DEFAULT_N = (16, 32, 64)
 DEFAULT_D = (100_000, 1_000_000, 10_000_000)
+# Named (n, d) grids: the full one, small models against ByzFL, many workers (cross-device
+# federated rounds), and the size of the memory report.
+GRIDS = {
+    "default": (DEFAULT_N, DEFAULT_D),
+    "small-models": ((16, 32), (100_000, 1_000_000)),
+    "many-workers": ((128, 256, 1024), (100_000,)),
+    "memory": ((32,), (10_000_000,)),
+}
 FLAG_MAX_ITERS = 20
 BYZFL_INSTALL = ('pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu '
                  '&& pip install --no-deps byzfl  (or: pip install -e ".[bench]")')
@@ -98,6 +121,8 @@ class Rule:
       the common estimate (NNM gathers ``[n, n - f, d]``).
     fixed_iters: whether ``flagjax`` and ``dspace`` take a ``max_iters`` keyword (the flag
       rows run exactly ``--flag-iters`` IRLS steps on both sides).
+    donate: whether flagjax's call donates its input (``jax.jit(..., donate_argnums=0)``):
+      each timed call gets a fresh copy, made before the clock starts.
   """
   name: str
   family: str
@@ -108,6 +133,7 @@ class Rule:
   dspace_pairs: bool = False
   byzfl_memory: Callable[[int, int], int] = lambda n, f: 0
   fixed_iters: bool = False
+  donate: bool = False
 
 
 def flag_rank(n: int) -> int:
@@ -135,6 +161,15 @@ def _byzfl_mda(module, n, f):
   return module.MDA(f=f)
 
 
+def _byzfl_clipping(module, n, f):
+  del n, f
+  return module.Clipping(c=CLIP_THRESHOLD)
+
+
+# The static clipping threshold of the clip rows (ByzFL's default).
+CLIP_THRESHOLD = 2.0
+
+
 def _flag(lam: float):
   def build(n, f, max_iters=FLAG_MAX_ITERS):
     del n, f
@@ -152,9 +187,17 @@ def _dspace_flag(lam: float):
 _BENCH_KEY = jax.random.key(0)
 
 
+# Above this many workers SMEA keeps f = n // 4 (and so shows its refusal): its largest
+# searchable f there (2 at n = 128-446) means C(n, 2) eigenproblems of n - 2 rows, minutes.
+SMEA_MAX_REDUCED_N = 64
+
+
 def _largest_searchable_f(n: int) -> int:
-  """The largest f whose exact subset search (SMEA, MDA) stays within its stated limit."""
+  """The largest f whose exact subset search (SMEA, MDA) stays within its stated limit
+  (up to ``SMEA_MAX_REDUCED_N`` workers; above, ``n // 4``)."""
   from flagjax.core import subsets
+  if n > SMEA_MAX_REDUCED_N:
+    return n // 4
   return max(f for f in range(n) if f == 0 or (n > 2 * f and
                                                 math.comb(n, f) <= subsets.MAX_SUBSETS))
 
@@ -179,6 +222,9 @@ RULES = (
          byzfl=_byzfl_fresh("GeometricMedian")),
     Rule("centered_clipping", "Gram space", lambda n, f: aggregators.centered_clipping,
          byzfl=_byzfl_fresh("CenteredClipping")),
+    Rule("centered_clipping(num_iters=1)", "distances to the centre",
+         lambda n, f: lambda x: aggregators.centered_clipping(x, tau=100.0, num_iters=1),
+         byzfl=_byzfl_fresh("CenteredClipping")),
     Rule("mda", "Gram space", lambda n, f: lambda x: aggregators.mda(x, f), byzfl=_byzfl_mda),
     Rule("monna", "Gram space", lambda n, f: lambda x: aggregators.monna(x, f),
          byzfl=_byzfl_with_f("MoNNA")),
@@ -186,6 +232,13 @@ RULES = (
          byzfl=_byzfl_with_f("NNM"), byzfl_memory=lambda n, f: n - f),
     Rule("arc", "pre-aggregator", lambda n, f: lambda x: preaggregators.arc(x, f),
          byzfl=_byzfl_with_f("ARC")),
+    Rule("arc (donated)", "pre-aggregator", lambda n, f: lambda x: preaggregators.arc(x, f),
+         byzfl=_byzfl_with_f("ARC"), donate=True),
+    Rule("clip", "pre-aggregator",
+         lambda n, f: lambda x: preaggregators.clip(x, CLIP_THRESHOLD), byzfl=_byzfl_clipping),
+    Rule("clip (donated)", "pre-aggregator",
+         lambda n, f: lambda x: preaggregators.clip(x, CLIP_THRESHOLD), byzfl=_byzfl_clipping,
+         donate=True),
     Rule("caf", "Gram space", lambda n, f: lambda x: aggregators.caf(x, f),
          byzfl=_byzfl_with_f("CAF")),
     Rule("smea", "Gram space", lambda n, f: lambda x: aggregators.smea(x, f),
@@ -269,6 +322,7 @@ class Timed:
   """A callable under measurement: its input, its times, and why it is not measured."""
   fn: Optional[Callable]
   x: Any
+  fresh: bool = False
   reps: int = 1
   times: list = dataclasses.field(default_factory=list)
   reason: Optional[str] = None
@@ -296,7 +350,9 @@ class Timed:
     if self.fn is None or rep >= self.reps and rep > 0:
       return
     try:
-      self.times.append(_sync_call(self.fn, self.x))
+      # A donating call consumes its input: it gets a copy, made before the clock starts.
+      x = jax.block_until_ready(jnp.array(self.x, copy=True)) if self.fresh else self.x
+      self.times.append(_sync_call(self.fn, x))
     except Exception as error:  # noqa: BLE001 - reported in the table, never fatal
       self._fail(error)
       return
@@ -362,7 +418,9 @@ def bench_cell(n: int, d: int, rules: Sequence[Rule], libraries: dict, args,
     f = default_f if rule.max_f is None else max(0, min(default_f, rule.max_f(n)))
     iters = {"max_iters": args.flag_iters} if rule.fixed_iters else {}
     timed = {"one_pass": Timed(one_pass, x),
-             "flagjax": Timed(jax.jit(rule.flagjax(n, f, **iters)), x)}
+             "flagjax": Timed(jax.jit(rule.flagjax(n, f, **iters),
+                                      donate_argnums=(0,) if rule.donate else ()), x,
+                              fresh=rule.donate)}
     torch_timed = {}
     reference_reasons = {}
     if "byzfl" in args.libraries and rule.byzfl is not None:
@@ -414,6 +472,65 @@ def bench_cell(n: int, d: int, rules: Sequence[Rule], libraries: dict, args,
       progress.update(1)
   del x, x_np
   return {"n": n, "d": d, "f": default_f, "rules": records}
+
+
+# --------------------------------------------------------------------------------------------
+# Memory: XLA's plan for each rule, from compilation alone.
+
+
+def memory_cell(n: int, d: int, rules: Sequence[Rule], args, progress=None) -> dict:
+  """XLA's memory plan (``compile().memory_analysis()``) of every rule at one ``(n, d)``.
+
+  Nothing runs and no input is allocated: each rule is lowered for a float32
+  ``ShapeDtypeStruct((n, d))``. Temporaries are reported in bytes, as a multiple of the input,
+  and in units of ``n^2 + d`` floats (what a Gram-space rule needs beyond its input and
+  output: ``K``, and one row-sized accumulator).
+  """
+  spec = jax.ShapeDtypeStruct((n, d), jnp.float32)
+  default_f = n // 4
+  records = []
+  for rule in rules:
+    f = default_f if rule.max_f is None else max(0, min(default_f, rule.max_f(n)))
+    iters = {"max_iters": args.flag_iters} if rule.fixed_iters else {}
+    record = {"rule": rule.name, "n": n, "d": d, "f": f}
+    try:
+      fn = jax.jit(rule.flagjax(n, f, **iters), donate_argnums=(0,) if rule.donate else ())
+      analysis = fn.lower(spec).compile().memory_analysis()
+      temp = int(analysis.temp_size_in_bytes)
+      record.update(temp_bytes=temp, argument_bytes=int(analysis.argument_size_in_bytes),
+                    output_bytes=int(analysis.output_size_in_bytes),
+                    alias_bytes=int(getattr(analysis, "alias_size_in_bytes", 0)),
+                    temp_over_input=temp / (4 * n * d),
+                    temp_over_n2_plus_d=temp / (4 * (n * n + d)))
+    except Exception as error:  # noqa: BLE001 - reported in the table, never fatal
+      record["status"] = f"n/a ({type(error).__name__}: {str(error)[:160]})"
+    records.append(record)
+    if progress is not None:
+      progress.update(1)
+  return {"n": n, "d": d, "f": default_f, "rules": records}
+
+
+def memory_markdown(results: dict) -> str:
+  """One table per ``(n, d)``: temporaries, output and aliasing for every rule."""
+  lines = [f"# Memory plan ({results['machine']['summary']})", "",
+           "XLA's `compile().memory_analysis()` of each jitted rule for a float32 `[n, d]` "
+           "input (nothing runs). `temp` is the scratch XLA plans beyond the input and the "
+           "output; `x input` divides it by the input's bytes, `x (n²+d)` by `4 (n² + d)`.",
+           ""]
+  for cell in results["cells"]:
+    lines += [f"## n = {cell['n']}, d = {cell['d']:,}: input "
+              f"{4 * cell['n'] * cell['d'] / 2**20:,.0f} MiB", "",
+              "| rule | temp MiB | x input | x (n²+d) | output MiB | aliased MiB |",
+              "|---|---:|---:|---:|---:|---:|"]
+    for r in cell["rules"]:
+      if "temp_bytes" not in r:
+        lines.append(f"| {r['rule']} | {r.get('status', 'n/a')} | | | | |")
+        continue
+      lines.append(f"| {r['rule']} | {r['temp_bytes'] / 2**20:,.1f} | "
+                   f"{r['temp_over_input']:.3g} | {r['temp_over_n2_plus_d']:.3g} | "
+                   f"{r['output_bytes'] / 2**20:,.1f} | {r['alias_bytes'] / 2**20:,.1f} |")
+    lines.append("")
+  return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------
@@ -582,10 +699,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       prog="python -m experiments.bench_aggregators",
       description=__doc__, formatter_class=HelpFormatter)
-  parser.add_argument("--n", type=_sizes, default=",".join(map(str, DEFAULT_N)),
-                      help="comma-separated numbers of workers")
-  parser.add_argument("--d", type=_sizes, default="1e5,1e6,1e7",
-                      help="comma-separated numbers of coordinates (1e6 notation accepted)")
+  parser.add_argument("--grid", choices=sorted(GRIDS), default="default",
+                      help="the (n, d) grid: " + "; ".join(
+                          f"{name}: n in {{{','.join(map(str, n))}}}, d in "
+                          f"{{{','.join(f'{v:.0e}' for v in d)}}}"
+                          for name, (n, d) in sorted(GRIDS.items())))
+  parser.add_argument("--n", type=_sizes, default=None,
+                      help="comma-separated numbers of workers (overrides --grid's)")
+  parser.add_argument("--d", type=_sizes, default=None,
+                      help="comma-separated numbers of coordinates (1e6 notation accepted; "
+                      "overrides --grid's)")
   parser.add_argument("--rules", type=lambda t: parse_names(t, RULE_NAMES, "rules"),
                       default=",".join(RULE_NAMES), help="comma-separated rules")
   parser.add_argument("--libraries", type=lambda t: parse_names(t, LIBRARIES, "libraries"),
@@ -611,9 +734,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument("--merge", nargs="+", metavar="JSON",
                       help="measure nothing: combine earlier runs' aggregators.json files "
                       "(median per entry) into --out")
+  parser.add_argument("--memory", action="store_true",
+                      help="time nothing: report XLA's memory plan of every rule per (n, d) "
+                      "into memory.json / memory.md (compilation only, no input allocated)")
   parser.add_argument("--no-plot", action="store_true", help="skip the PNG")
   parser.add_argument("--quiet", action="store_true", help="no progress bar or summary")
-  return parser.parse_args(argv)
+  args = parser.parse_args(argv)
+  grid_n, grid_d = GRIDS[args.grid]
+  args.n = list(grid_n) if args.n is None else args.n
+  args.d = list(grid_d) if args.d is None else args.d
+  return args
 
 
 def merge_runs(runs: Sequence[dict]) -> dict:
@@ -661,6 +791,16 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
       print(table)
     return results
   rules = [rule for rule in RULES if rule.name in args.rules]
+  if args.memory:
+    cells = [memory_cell(n, d, rules, args) for n in args.n for d in args.d]
+    results = {"machine": machine_summary(), "cells": cells}
+    os.makedirs(args.out, exist_ok=True)
+    write_text(os.path.join(args.out, "memory.json"), json.dumps(results, indent=1))
+    table = memory_markdown(results)
+    write_text(os.path.join(args.out, "memory.md"), table)
+    if not args.quiet:
+      print(table)
+    return results
   libraries, notes = {}, {}
   if "byzfl" in args.libraries:
     libraries["byzfl"], notes["byzfl"] = load_byzfl()

@@ -61,6 +61,7 @@ __all__ = [
     "check_hyperparameters",
     "coefficients_function",
     "preaggregate",
+    "row_coefficients_function",
     "worker_momentum",
 ]
 
@@ -189,11 +190,26 @@ def coefficients_function(rule: Callable) -> Optional[Callable]:
   Found by name in the rule's module (the convention of :mod:`flagjax.aggregators`), so a
   user's rule gets coefficient reporting by following it.
   """
+  return _companion(rule, "coefficients")
+
+
+def row_coefficients_function(rule: Callable) -> Optional[Callable]:
+  """The ``<rule>_row_coefficients(x, ..., axis_name=None)`` function of a rule, or None.
+
+  A rule whose coefficients need less than the whole Gram (MoNNA: the distances to one row;
+  one step of centered clipping: the distances to the centre) computes them from the rows in
+  one pass; found by name like :func:`coefficients_function`, and preferred to it.
+  """
+  return _companion(rule, "row_coefficients")
+
+
+def _companion(rule: Callable, suffix: str) -> Optional[Callable]:
+  """The callable ``<rule name>_<suffix>`` in the rule's module, or None."""
   name = getattr(rule, "__name__", None)
   module = sys.modules.get(getattr(rule, "__module__", None) or "")
   if name is None or module is None:
     return None
-  candidate = getattr(module, f"{name}_coefficients", None)
+  candidate = getattr(module, f"{name}_{suffix}", None)
   return candidate if callable(candidate) else None
 
 
@@ -233,9 +249,6 @@ def _reports_coefficients(rule: Callable, hparams: dict, *, takes_f: bool,
   """
   if rule is _mean_rule:
     return True
-  coefficients_fn = coefficients_function(rule)
-  if coefficients_fn is None:
-    return False
   kwargs = {k: v for k, v in hparams.items() if k != "center"}
   if takes_f:
     kwargs["f"] = 0
@@ -243,7 +256,11 @@ def _reports_coefficients(rule: Callable, hparams: dict, *, takes_f: bool,
     kwargs["server_update"] = None
   if _takes(rule, "key") and "key" not in kwargs:
     kwargs["key"] = None
-  return _binds(coefficients_fn, None, **kwargs)
+  row_fn = row_coefficients_function(rule)
+  if row_fn is not None and _binds(row_fn, None, axis_name=None, **kwargs):
+    return True
+  coefficients_fn = coefficients_function(rule)
+  return coefficients_fn is not None and _binds(coefficients_fn, None, **kwargs)
 
 
 def _shape_of(tree: PyTree) -> PyTree:
@@ -254,9 +271,11 @@ def _apply_rule(rule: Callable, rows: PyTree, hparams: dict, *, axis_name, key,
                 has_center: bool, center) -> tuple[PyTree, jax.Array]:
   """``(aggregate (or its shard), coefficients [n] float32)`` of ``rule`` on ``rows``.
 
-  Gram-space rules with a coefficients function run as ``K`` once (``psum``-ed over
-  ``axis_name``), ``c = coefficients(K, **hparams)``, ``sum_i c_i x_i``: the same work as the
-  rule, with ``c`` kept for reporting. Any other rule is called as is (coefficients NaN).
+  Rules with a row-coefficients function (:func:`row_coefficients_function`) compute
+  ``c = <rule>_row_coefficients(rows, **hparams)`` and ``sum_i c_i x_i``. Gram-space rules
+  with a coefficients function run as ``K`` once (``psum``-ed over ``axis_name``),
+  ``c = coefficients(K, **hparams)``, ``sum_i c_i x_i``. Either way it is the same work as
+  the rule, with ``c`` kept for reporting. Any other rule is called as is (coefficients NaN).
   """
   n = tree_lib.num_workers(_name(rule), rows)
   kwargs = dict(hparams)
@@ -268,6 +287,15 @@ def _apply_rule(rule: Callable, rows: PyTree, hparams: dict, *, axis_name, key,
   if rule is _mean_rule:
     coefficients = jnp.full((n,), 1.0 / n, jnp.float32)
     return gram_lib.combine(coefficients, rows), coefficients
+
+  row_fn = row_coefficients_function(rule)
+  if row_fn is not None and _binds(row_fn, None, axis_name=axis_name, **kwargs):
+    coefficients = row_fn(rows, axis_name=axis_name, **kwargs)
+    if has_center and center is not None:
+      aggregate = gram_lib.combine(coefficients, rows, extra=center)
+    else:
+      aggregate = gram_lib.combine(coefficients[:n], rows)
+    return aggregate, coefficients[:n].astype(jnp.float32)
 
   coefficients_fn = coefficients_function(rule)
   coefficient_kwargs = {k: v for k, v in kwargs.items() if k != "center"}

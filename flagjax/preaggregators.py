@@ -148,7 +148,7 @@ def clip(x, c, *, axis_name=None):
   r"""Clips each row to norm at most ``c``: :math:`y_i = x_i \min(1, c / |x_i|)`.
 
   Norms are taken over the whole update (all leaves; ``psum``-ed over ``axis_name``) in one
-  pass (:func:`flagjax.core.gram.sq_norms`). Non-finite rows pass through unchanged (they stay
+  pass (:func:`flagjax.core.gram.row_norms`). Non-finite rows pass through unchanged (they stay
   non-finite, so the downstream rule treats them as Byzantine).
 
   Args:

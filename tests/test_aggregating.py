@@ -220,10 +220,12 @@ class AggregateTest(chex.TestCase):
       p = p - lr * (m / (1 - 0.9 ** step)) / (np.sqrt(v / (1 - 0.999 ** step)) + 1e-8)
     np.testing.assert_allclose(flat(params), p, rtol=1e-4, atol=1e-5)
 
-  def test_centered_clipping_keeps_the_previous_aggregate(self):
+  # One step takes the one-pass path (distances to the centre), two the Gram path.
+  @parameterized.parameters(1, 2)
+  def test_centered_clipping_keeps_the_previous_aggregate(self, num_iters):
     t, lr, steps, tau = targets(3), 0.5, 3, 1.0
-    tx = optax.chain(flagjax.aggregate(aggregators.centered_clipping, tau=tau, num_iters=2,
-                                       num_workers=N),
+    tx = optax.chain(flagjax.aggregate(aggregators.centered_clipping, tau=tau,
+                                       num_iters=num_iters, num_workers=N),
                      optax.sgd(lr))
     params = unflat(np.zeros(22))
     state = tx.init(params)
@@ -235,7 +237,7 @@ class AggregateTest(chex.TestCase):
       updates, state = update(grads, state, params)
       params = optax.apply_updates(params, updates)
       g = p[None] - t
-      expected = np_centered_clipping(g, center, tau, 2)
+      expected = np_centered_clipping(g, center, tau, num_iters)
       # The state's centre is exactly this step's aggregate; the coefficients rebuild it from
       # the rows and the previous centre.
       np.testing.assert_allclose(flat(state[0].previous_aggregate), expected, rtol=1e-5,

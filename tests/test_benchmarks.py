@@ -108,3 +108,46 @@ def test_merge_runs_takes_medians():
   assert record["flagjax_reps"] == 9 and record["byzfl_ms"] is None
   assert (record["n"], record["f"], merged["merged_runs"]) == (8, 2, 3)
   assert "| krum | 2 | 3x |" in bench_aggregators.markdown(merged)
+
+
+def test_bench_aggregators_many_workers_donated_and_memory(tmp_path):
+  # Beyond the unrolled network (n = 130), the one-pass paths and donated inputs, in a tiny
+  # configuration; then --memory, which only compiles.
+  rules = ["median", "centered_clipping(num_iters=1)", "monna", "arc (donated)",
+           "clip (donated)", "smea"]
+  results = bench_aggregators.main([
+      "--n", "130", "--d", "300", "--rules", ",".join(rules), "--reps", "2",
+      "--libraries", "flagjax", "--out", str(tmp_path / "time"), "--quiet", "--no-plot"])
+  by_rule = {r["rule"]: r for r in results["cells"][0]["rules"]}
+  for name in rules[:-1]:
+    assert _positive_finite(by_rule[name]["flagjax_ms"]), by_rule[name]
+    assert by_rule[name]["flagjax_reps"] == 2   # a donated input is copied afresh per call
+  # SMEA keeps f = n // 4 there and says why it refuses.
+  assert by_rule["smea"]["f"] == 32 and "C(n, f) <= 100000" in by_rule["smea"]["flagjax_status"]
+
+  memory = bench_aggregators.main([
+      "--memory", "--n", "8", "--d", "5000", "--rules", "mean,krum,arc,arc (donated)",
+      "--out", str(tmp_path / "memory"), "--quiet"])
+  records = {r["rule"]: r for r in memory["cells"][0]["rules"]}
+  input_bytes = 4 * 8 * 5000
+  for name, record in records.items():
+    assert record["argument_bytes"] == input_bytes, name
+    assert record["temp_bytes"] >= 0
+  assert records["mean"]["output_bytes"] == 4 * 5000
+  assert records["arc"]["output_bytes"] == input_bytes
+  assert records["arc (donated)"]["alias_bytes"] == input_bytes   # written in place
+  assert "| krum |" in (tmp_path / "memory" / "memory.md").read_text()
+
+
+def test_bench_sorting_tiny(tmp_path):
+  from experiments import bench_sorting
+  results = bench_sorting.main(["--n", "5,9", "--d", "300", "--reps", "2", "--network-max-n",
+                                "8", "--out", str(tmp_path), "--quiet"])
+  small, large = results["cells"]
+  assert set(small["methods"]) == {"network", "bitonic", "sort", "top_k"}
+  assert set(large["methods"]) == {"bitonic", "sort", "top_k"}   # beyond --network-max-n
+  for cell in results["cells"]:
+    assert cell["fastest"] in cell["methods"]
+    for method in cell["methods"].values():
+      assert _positive_finite(method["ratio_to_one_pass"])
+  assert "| 9 |" in (tmp_path / "sorting.md").read_text()

@@ -70,13 +70,21 @@ class GramTest(parameterized.TestCase):
                                np.diag(np.asarray(K))[finite], rtol=1e-5)
 
   @chex.variants(with_jit=True, without_jit=True)
-  def test_combine_is_nan_safe_where_the_coefficient_is_zero(self):
-    x = helpers.poison(helpers.random_rows(6, 5, 40), rows=[1, 3])
-    c = np.array([0.5, 0.0, 0.25, 0.0, 0.25], np.float32)
+  @parameterized.parameters(5, gram_lib.COMBINE_MATVEC_MIN_ROWS + 1)
+  def test_combine_is_nan_safe_where_the_coefficient_is_zero(self, n):
+    # Below COMBINE_MATVEC_MIN_ROWS the masked sum; from it on the product c @ x, with the
+    # masked sum taken when the product is not finite.
+    x = helpers.poison(helpers.random_rows(6, n, 40), rows=[1, 3])
+    c = np.random.default_rng(7).random(n).astype(np.float32)
+    c[[1, 3]] = 0.0
     out = self.variant(gram_lib.combine)(jnp.asarray(c), jnp.asarray(x))
-    np.testing.assert_allclose(out, c @ np.where(np.isfinite(x), x, 0), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(out, c @ np.where(np.isfinite(x), x, 0), rtol=1e-5, atol=1e-5)
+    # Finite rows: the product path, the same values.
+    clean = helpers.random_rows(8, n, 40)
+    np.testing.assert_allclose(self.variant(gram_lib.combine)(jnp.asarray(c), clean),
+                               c.astype(np.float64) @ clean, rtol=1e-5, atol=1e-5)
     # A non-zero coefficient on a poisoned row poisons the result (no silent repair).
-    self.assertFalse(np.all(np.isfinite(gram_lib.combine(jnp.ones(5), jnp.asarray(x)))))
+    self.assertFalse(np.all(np.isfinite(gram_lib.combine(jnp.ones(n), jnp.asarray(x)))))
 
   def test_combine_many_poisons_only_rows_that_use_a_non_finite_worker(self):
     x = helpers.poison(helpers.random_rows(7, 4, 12), rows=[2])

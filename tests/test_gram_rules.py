@@ -346,6 +346,10 @@ class GramRulesTest(chex.TestCase):
                                                              axis_name=axis_name),
           "centered_clipping_no_center": aggregators.centered_clipping(
               rows, tau=TAU, axis_name=axis_name),
+          "one_step": aggregators.centered_clipping(rows, c, tau=TAU, num_iters=1,
+                                                    axis_name=axis_name),
+          "one_step_no_center": aggregators.centered_clipping(rows, tau=TAU, num_iters=1,
+                                                              axis_name=axis_name),
           "mda": aggregators.mda(rows, F, axis_name=axis_name),
           "monna": aggregators.monna(rows, F, 2, axis_name=axis_name),
       }
@@ -355,6 +359,9 @@ class GramRulesTest(chex.TestCase):
                                  err_msg=name)
     np.testing.assert_allclose(sharded["centered_clipping_no_center"], CC(x, tau=TAU),
                                rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(sharded["one_step"], CC1(x, center), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(sharded["one_step_no_center"], CC1_ZERO(x), rtol=1e-5,
+                               atol=1e-5)
 
 
 # ------------------------------------------------------------------------- property tests
@@ -439,3 +446,94 @@ class NormalizedMeanTest(chex.TestCase):
                                np_normalized_mean(x), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(helpers.run_coordinate_sharded(aggregators.normalized_mean, x),
                                np_normalized_mean(x), rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# One-pass paths: MoNNA and one step of centered clipping take only n distances, no Gram.
+
+CC1 = jax.jit(lambda x, c: aggregators.centered_clipping(x, c, tau=TAU, num_iters=1))
+CC1_ZERO = jax.jit(lambda x: aggregators.centered_clipping(x, tau=TAU, num_iters=1))
+
+
+def nasty_rows(seed):
+  """Ties (a duplicated row, a repeated value), a constant column, a near-zero row, a large
+  common offset (every distance is small against the norms), and an outlier."""
+  x = helpers.random_rows(seed, N, D).astype(np.float64)
+  x[3] = x[4]
+  x[:, 0] = 0.25
+  x[5] = 1e-30
+  x[1] *= 4.0
+  return x
+
+
+def test_one_step_centered_clipping_matches_oracle_and_gram_path():
+  for seed in (120, 121):
+    x = nasty_rows(seed).astype(np.float32)
+    center = standard_center(seed + 10)
+    for c in (center, None):
+      out = CC1(x, c) if c is not None else CC1_ZERO(x)
+      np.testing.assert_allclose(out, np_centered_clipping(x, c, tau=TAU, num_iters=1),
+                                 rtol=1e-5, atol=1e-6)
+    # The Gram path with one step chooses the same coefficients.
+    K = gram_lib.gram(x, extra=center, centered=True)
+    np.testing.assert_allclose(
+        cc_lib.centered_clipping_row_coefficients(x, center, tau=TAU, num_iters=1),
+        cc_lib.centered_clipping_coefficients(K, tau=TAU, num_iters=1), rtol=1e-5, atol=1e-6)
+
+
+def test_one_step_centered_clipping_nonfinite_and_huge_rows():
+  x = standard_rows(122)
+  center = standard_center(123)
+  bad = helpers.poison(x, rows=(0, 6, 7))
+  honest_only = np_centered_clipping(bad, center, tau=TAU, num_iters=1)
+  out = CC1(bad, center)
+  assert np.all(np.isfinite(out))
+  np.testing.assert_allclose(out, honest_only, rtol=1e-5, atol=1e-6)
+  # A huge finite row (its squared norm overflows float32) is clipped to tau like any other:
+  # it moves the centre by at most tau / n.
+  huge = np.array(x, copy=True)
+  huge[2] = 1e30
+  out0 = np.asarray(CC1_ZERO(huge))
+  assert np.all(np.isfinite(out0))
+  np.testing.assert_allclose(out0, np_centered_clipping(huge, None, tau=TAU, num_iters=1),
+                             rtol=1e-5, atol=1e-6)
+  assert np.linalg.norm(out0 - np_centered_clipping(np.delete(x, 2, 0), None, tau=TAU,
+                                                    num_iters=1) * (N - 1) / N) <= TAU / N * 1.01
+  # A non-finite centre, or no finite row, says so with NaN.
+  assert np.all(np.isnan(CC1(x, np.full(D, np.inf, np.float32))))
+  assert np.all(np.isnan(CC1_ZERO(helpers.poison(x, rows=range(N)))))
+
+
+def test_monna_one_pass_precise_with_large_common_offset():
+  # Rows share an offset 1e4 times their spread: |x_i|^2 - 2 x_i.r + |r|^2 loses the
+  # distances in float32, the direct differences keep them.
+  rng = np.random.default_rng(124)
+  spread = rng.normal(size=(N, D))
+  spread[7] *= 3.0
+  x = (1e4 + spread).astype(np.float32)
+  for idx in (0, 7):
+    np.testing.assert_allclose(MONNA(x, f=F, idx=idx), np_monna(x, F, idx), rtol=1e-6)
+  nasty = nasty_rows(125).astype(np.float32)
+  np.testing.assert_allclose(MONNA(nasty, f=F, idx=3), np_monna(nasty, F, 3), rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_allclose(
+      monna_lib.monna_row_coefficients(nasty, F, 3),
+      monna_lib.monna_coefficients(gram_lib.gram(nasty, centered=True), F, 3), atol=1e-7)
+
+
+def test_monna_reference_fallback_huge_rows_and_bound():
+  x = standard_rows(126)
+  honest = np.delete(x, [2, 8], 0)
+  # Reference row 2 holds NaN: the lowest-index finite row (0) stands in.
+  bad = helpers.poison(x, rows=(2,))
+  bad[8] = 1e30   # finite, but infinitely far in float32: never chosen, counts against f
+  out = MONNA(bad, f=F, idx=2)
+  assert np.all(np.isfinite(out))
+  np.testing.assert_allclose(out, np_monna(honest, F - 2, 0), rtol=1e-5, atol=1e-6)
+  # More than f rows without a finite distance: NaN, not an aggregate.
+  assert np.all(np.isnan(MONNA(helpers.poison(x, rows=(1, 2, 3, 4)), f=F, idx=0)))
+  with jax.checking_leaks():
+    coefficients = jax.vmap(lambda r: monna_lib.monna_row_coefficients(r, F, 2))(
+        jnp.stack([jnp.asarray(x), jnp.asarray(bad)]))
+  chex.assert_shape(coefficients, (2, N))
+  np.testing.assert_allclose(coefficients.sum(1), 1.0, rtol=1e-6)

@@ -321,3 +321,18 @@ def test_property_bulyan(n, d, seed, data):
     out = jit_bulyan(bad, f)
     assert np.all(np.isfinite(out))
     np.testing.assert_allclose(out, np_bulyan(bad, f), rtol=1e-5, atol=1e-5)
+
+
+def test_bulyan_second_stage_beyond_the_unrolled_network():
+  # theta = n - 2f selected rows above NETWORK_MAX_WORKERS: the staged bitonic path, with
+  # duplicated rows, a constant column and one NaN row (f = 1).
+  from flagjax.core import sorting
+  f = 1
+  n = sorting.NETWORK_MAX_WORKERS + 2 * f + 1
+  x = helpers.random_rows(131, n, 150)
+  x[1] = x[2]
+  x[:, 4] = 0.25
+  x = helpers.poison(x, rows=(7,))
+  out = jax.jit(aggregators.bulyan, static_argnums=1)(x, f)
+  assert np.all(np.isfinite(out))
+  np.testing.assert_allclose(out, np_bulyan(x, f), rtol=1e-5, atol=1e-5)

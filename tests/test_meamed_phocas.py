@@ -6,9 +6,11 @@ import hypothesis.strategies as st
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import parameterized
 
 from flagjax import aggregators
+from flagjax.core import sorting
 from tests import helpers
 
 
@@ -157,3 +159,64 @@ def test_property_oracle_invariances_and_range(n, d, seed, data):
     # With f huge rows the result stays inside the honest rows' range.
     out = rule(hostile, f)
     assert np.all(out >= honest.min(0) - 1e-5) and np.all(out <= honest.max(0) + 1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Many workers: above NETWORK_MAX_WORKERS the staged bitonic network sorts column blocks.
+
+def many_worker_rows(n, d, seed):
+  """Ties (duplicated rows, a repeated value), a constant column, huge finite values, a
+  near-zero row, and f rows holding NaN/Inf, on d not a multiple of the block width."""
+  f = n // 4
+  x = np.random.default_rng(seed).normal(size=(n, d)).astype(np.float32)
+  x[1] = x[2]
+  x[:, 7] = 0.5
+  x[::5, 11] = 2.0
+  x[3, :] = 1e-30
+  x[4, 13] = 1e30
+  x[5, 13] = -1e30
+  return helpers.poison(x, rows=range(n - f, n)), f
+
+
+def test_bitonic_sort_sorts_every_column():
+  rng = np.random.default_rng(130)
+  for size, width in ((2, 3), (64, 5), (256, 17)):
+    block = rng.integers(-3, 4, size=(size, width)).astype(np.float32)   # many ties
+    block[0, 0] = np.inf
+    block[1, 1] = -np.inf
+    np.testing.assert_array_equal(jax.jit(sorting.bitonic_sort)(block), np.sort(block, 0))
+  with np.testing.assert_raises_regex(ValueError, "power-of-two"):
+    sorting.bitonic_sort(jnp.zeros((6, 2)))
+
+
+@pytest.mark.parametrize("n", [sorting.NETWORK_MAX_WORKERS + 3, 257])
+def test_coordinate_wise_rules_beyond_the_unrolled_network(n):
+  x, f = many_worker_rows(n, 700, n)
+  xs = np.where(np.isnan(x), np.inf, x).astype(np.float64)
+  rules = jax.jit(lambda x: {"median": aggregators.median(x),
+                             "trimmed_mean": aggregators.trimmed_mean(x, f),
+                             "meamed": aggregators.meamed(x, f),
+                             "phocas": aggregators.phocas(x, f)})
+  out = rules(x)
+  sorted_xs = np.sort(xs, axis=0)
+  expected = {"median": np.median(xs, axis=0),
+              "trimmed_mean": sorted_xs[f:n - f].mean(axis=0),
+              "meamed": np_meamed(x, f), "phocas": np_phocas(x, f)}
+  for name, value in out.items():
+    assert np.all(np.isfinite(value)), name
+    np.testing.assert_allclose(value, expected[name], rtol=1e-5, atol=1e-6, err_msg=name)
+  # Permutation invariance: the blocks see the workers in another order.
+  perm = np.random.default_rng(n + 1).permutation(n)
+  chex.assert_trees_all_close(rules(x[perm]), out, rtol=1e-6, atol=1e-7)
+
+
+def test_bitonic_path_coordinate_sharded_matches_unsharded():
+  # 150 coordinates per shard: a full block and an overlapping last one on every device.
+  n = sorting.NETWORK_MAX_WORKERS + 3
+  x, f = many_worker_rows(n, 8 * 150, 132)
+
+  def rules(rows, axis_name=None):
+    return {"median": aggregators.median(rows, axis_name=axis_name),
+            "meamed": aggregators.meamed(rows, f, axis_name=axis_name)}
+  sharded = helpers.run_coordinate_sharded(rules, x)
+  chex.assert_trees_all_close(sharded, jax.jit(rules)(x), rtol=1e-6, atol=1e-7)

@@ -6,6 +6,10 @@ The iterate is kept as coefficients over the ``n`` rows and the centre,
 one, so any centring reference gives the same distances). Without a centre (``v_0 = 0``) the
 origin is that extra row (:func:`flagjax.core.gram.gram` with ``origin=True``): no extra pass
 over the input.
+
+One step (``num_iters=1``) needs only the ``n`` distances to the starting centre, so it skips
+the Gram: the row norms (no centre) or :func:`flagjax.core.gram.sq_distances_to` (a centre)
+in one pass, then the combination (:func:`centered_clipping_row_coefficients`).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from flagjax.core import tree as tree_lib
 __all__ = [
     "centered_clipping",
     "centered_clipping_coefficients",
+    "centered_clipping_row_coefficients",
 ]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -83,6 +88,64 @@ def centered_clipping_coefficients(K: jax.Array, *, tau: float = 10.0,
   return jnp.where(usable, coefficients, jnp.nan)
 
 
+def _one_step_coefficients(distances: jax.Array, tau: float, centre_ok: jax.Array) -> jax.Array:
+  """Coefficients ``[n + 1]`` of one clipping step from the ``n`` distances to the centre.
+
+  ``s_i = min(1, tau / |x_i - v_0|) / n`` on rows with a finite distance, 0 elsewhere; the
+  centre keeps ``1 - sum(s)``. NaN when ``centre_ok`` is False or no distance is finite.
+  """
+  n = distances.shape[0]
+  finite = jnp.isfinite(distances)
+  over = finite & (distances > tau)
+  scale = jnp.where(over, tau / jnp.where(over, distances, 1), 1)
+  scale = jnp.where(finite, scale, 0) / n
+  coefficients = jnp.concatenate([scale, (1 - jnp.sum(scale))[None]])
+  return jnp.where(centre_ok & jnp.any(finite), coefficients, jnp.nan)
+
+
+def centered_clipping_row_coefficients(x, center=None, *, tau: float = 10.0,
+                                       num_iters: int = 3, axis_name=None) -> jax.Array:
+  r"""Coefficients ``[n + 1]`` of centered clipping from the rows (the last for the centre).
+
+  With ``num_iters = 1`` no Gram is formed: the distances to the centre are the row norms
+  (:func:`flagjax.core.gram.row_norms`, finite for every finite row, when ``center`` is
+  None) or :math:`|x_i - v_0|` from :func:`flagjax.core.gram.sq_distances_to` (one fused
+  pass), and :math:`s_i = \min(1, \tau / |x_i - v_0|) / n`. A row whose distance is
+  NaN/Inf (it holds NaN/Inf, or its squared distance to a given centre overflows) gets 0,
+  as on the Gram path; without a centre a huge finite row is clipped like any other (its
+  norm is finite), where the Gram path, whose squared norm overflows, gives it 0. A
+  non-finite centre, or no finite row, makes the coefficients NaN. More steps read the
+  ``(n + 1) x (n + 1)`` Gram (:func:`centered_clipping_coefficients`).
+
+  Args:
+    x: stacked worker updates ``[n, ...]`` or a pytree of them.
+    center: a pytree shaped like one worker's update, or None for zeros (then the last
+      coefficient multiplies the origin and can be dropped).
+    tau: the clipping radius.
+    num_iters: the number of clipping steps (static).
+    axis_name: set inside ``shard_map``/``pmap`` over coordinate shards (``psum``-ed sums).
+
+  Returns:
+    ``[n + 1]`` coefficients in the compute dtype.
+  """
+  tree_lib.num_workers("centered_clipping", x)
+  checks.check_real("centered_clipping", "tau", tau, minimum=0)
+  num_iters = checks.check_int("centered_clipping", "num_iters", num_iters)
+  if num_iters == 1:
+    if center is None:
+      distances = gram_lib.row_norms(x, axis_name=axis_name)
+      return _one_step_coefficients(distances, tau, jnp.bool_(True))
+    sq = gram_lib.sq_distances_to(x, center, axis_name=axis_name)
+    # A NaN/Inf centre makes every distance non-finite, so no row is usable: NaN below.
+    return _one_step_coefficients(jnp.sqrt(sq), tau, jnp.bool_(True))
+  coefficients_fn = lambda K: centered_clipping_coefficients(K, tau=tau, num_iters=num_iters)
+  if center is None:
+    K = gram_lib.gram(x, axis_name=axis_name, centered=True, origin=True)
+  else:
+    K = gram_lib.gram(x, axis_name=axis_name, extra=center, centered=True)
+  return coefficients_fn(K)
+
+
 def centered_clipping(x, center=None, *, tau: float = 10.0, num_iters: int = 3,
                       axis_name=None):
   r"""Centered clipping: clipped mean steps around a centre.
@@ -92,10 +155,12 @@ def centered_clipping(x, center=None, *, tau: float = 10.0, num_iters: int = 3,
             \min\left(1, \frac{\tau}{|x_i - v|}\right)
 
   repeated ``num_iters`` times. Computed in Gram space with the centre as an extra row (see
-  :func:`centered_clipping_coefficients`). Rows holding NaN/Inf contribute nothing to any step
-  (weight 0), so the result is finite whenever the centre is; each finite Byzantine row moves
-  ``v`` by at most ``tau / n`` per step. Stateful use (the centre is the last aggregate) keeps
-  the centre in the caller's (optax) state.
+  :func:`centered_clipping_coefficients`); one step (``num_iters=1``, ByzFL's default) from
+  the ``n`` distances to the centre alone (see :func:`centered_clipping_row_coefficients`).
+  Rows holding NaN/Inf contribute nothing to any step (weight 0), so the result is finite
+  whenever the centre is; each finite Byzantine row moves ``v`` by at most ``tau / n`` per
+  step. Stateful use (the centre is the last aggregate) keeps the centre in the caller's
+  (optax) state.
 
   Args:
     x: stacked worker updates ``[n, ...]`` or a pytree of them.
@@ -103,8 +168,9 @@ def centered_clipping(x, center=None, *, tau: float = 10.0, num_iters: int = 3,
       with ``axis_name``, this shard of the centre.
     tau: the clipping radius.
     num_iters: the number of clipping steps (static).
-    axis_name: set inside ``shard_map``/``pmap`` over coordinate shards: the Gram is
-      ``psum``-ed over it and the result is this shard of the unsharded answer.
+    axis_name: set inside ``shard_map``/``pmap`` over coordinate shards: the Gram (or the
+      distances) are ``psum``-ed over it and the result is this shard of the unsharded
+      answer.
 
   Returns:
     The clipped centre after ``num_iters`` steps, shaped like one worker's update, in the
@@ -115,12 +181,8 @@ def centered_clipping(x, center=None, *, tau: float = 10.0, num_iters: int = 3,
     ICML 2021.
   """
   n = tree_lib.num_workers("centered_clipping", x)
-  checks.check_real("centered_clipping", "tau", tau, minimum=0)
-  checks.check_int("centered_clipping", "num_iters", num_iters)
-  coefficients_fn = lambda K: centered_clipping_coefficients(K, tau=tau, num_iters=num_iters)
+  coefficients = centered_clipping_row_coefficients(x, center, tau=tau, num_iters=num_iters,
+                                                    axis_name=axis_name)
   if center is None:
-    # v_0 = 0: the origin as the extra row of the centred Gram (no pass over a zero centre).
-    K = gram_lib.gram(x, axis_name=axis_name, centered=True, origin=True)
-    return gram_lib.combine(coefficients_fn(K)[:n], x)
-  K = gram_lib.gram(x, axis_name=axis_name, extra=center, centered=True)
-  return gram_lib.combine(coefficients_fn(K), x, extra=center)
+    return gram_lib.combine(coefficients[:n], x)
+  return gram_lib.combine(coefficients, x, extra=center)

@@ -1,7 +1,8 @@
 r"""Coordinate-wise rules: order statistics per coordinate over the worker axis.
 
-Every rule here reads a few sorted positions per coordinate from the shared sorting network
-(:mod:`flagjax.core.sorting`); none sorts along axis 0. They need no reduction over
+Every rule here reads a few sorted positions per coordinate from the shared sorting networks
+(:mod:`flagjax.core.sorting`: unrolled up to 128 workers, staged bitonic above); none calls
+XLA's sort along axis 0. They need no reduction over
 coordinates, so with ``axis_name`` set (a coordinate shard inside ``shard_map``) the result is
 the shard of the unsharded answer as is.
 
@@ -29,12 +30,12 @@ __all__ = [
 ]
 
 
-def _per_leaf(fn, x):
-  """Applies ``fn(rows) -> value`` to each leaf's worker rows in compute dtype (non-finite
-  results become NaN)."""
+def _per_leaf(fn, x, positions=None):
+  """Applies ``fn(sorted values) -> value`` to each leaf over its worker axis
+  (:func:`flagjax.core.sorting.sorted_statistic`; non-finite results become NaN)."""
   def leaf_fn(leaf):
-    rows = [tree_lib.to_compute(r) for r in tree_lib.rows(leaf)]
-    return sorting.nan_if_nonfinite(fn(rows)).astype(tree_lib.output_dtype(leaf.dtype))
+    value = sorting.sorted_statistic(leaf, fn, positions)
+    return sorting.nan_if_nonfinite(value).astype(tree_lib.output_dtype(leaf.dtype))
   return jax.tree.map(leaf_fn, x)
 
 
@@ -54,9 +55,7 @@ def median(x, *, axis_name=None):
   """
   del axis_name
   n = tree_lib.num_workers("median", x)
-  positions = sorting.median_positions(n)
-  return _per_leaf(
-      lambda rows: sorting.median_of_sorted(sorting.order_statistics(rows, positions)), x)
+  return _per_leaf(sorting.median_of_sorted, x, sorting.median_positions(n))
 
 
 def trimmed_mean(x, f: int, *, axis_name=None):
@@ -81,9 +80,7 @@ def trimmed_mean(x, f: int, *, axis_name=None):
   f = checks.check_num_byzantine("trimmed_mean", f)
   n = tree_lib.num_workers("trimmed_mean", x)
   checks.require("trimmed_mean", n > 2 * f, "n > 2*f", n=n, f=f)
-  positions = range(f, n - f)
-  return _per_leaf(
-      lambda rows: sorting.mean_of_sorted(sorting.order_statistics(rows, positions)), x)
+  return _per_leaf(sorting.mean_of_sorted, x, range(f, n - f))
 
 
 def meamed(x, f: int, *, axis_name=None):
@@ -114,10 +111,9 @@ def meamed(x, f: int, *, axis_name=None):
   n = tree_lib.num_workers("meamed", x)
   checks.require("meamed", n > 2 * f, "n > 2*f", n=n, f=f)
 
-  def fn(rows):
+  def fn(ordered):
     # The n - f nearest values form a window starting at sorted position 0..f, so every
     # position is needed: one full network.
-    ordered = sorting.order_statistics(rows)
     return sorting.mean_closest_to(ordered, sorting.median_of_sorted(ordered), n - f)
   return _per_leaf(fn, x)
 
@@ -149,7 +145,6 @@ def phocas(x, f: int, *, axis_name=None):
   n = tree_lib.num_workers("phocas", x)
   checks.require("phocas", n > 2 * f, "n > 2*f", n=n, f=f)
 
-  def fn(rows):
-    ordered = sorting.order_statistics(rows)
+  def fn(ordered):
     return sorting.mean_closest_to(ordered, sorting.mean_of_sorted(ordered[f:n - f]), n - f)
   return _per_leaf(fn, x)

@@ -176,9 +176,10 @@ class _Problem(NamedTuple):
   inv_sqrt_eigvals: jax.Array  # [n] g_+^{-1/2} (0 where dropped)
   retained: jax.Array  # [n] bool: eigen-directions above the rank threshold
   rank: jax.Array  # [] int32: r capped at the numerical rank
-  pairs: jax.Array  # [n, n] bool, i < j: pairs with a direction d_ij
-  pair_sq_distances: jax.Array  # [n, n] |R (e_i - e_j)|^2, the resolved |u_i - u_j|^2 (1 where
-  #                                not a pair)
+  pairs: Optional[jax.Array]  # [n, n] bool, i < j: pairs with a direction d_ij; None when
+  #                             lam is a static 0 (no pair terms at all)
+  pair_sq_distances: Optional[jax.Array]  # [n, n] |R (e_i - e_j)|^2, the resolved
+  #                                |u_i - u_j|^2 (1 where not a pair; None without pairs)
   pair_scale: jax.Array  # [] lam / P (0 when there are no pairs)
 
 
@@ -186,7 +187,8 @@ class _Fit(NamedTuple):
   """How a subspace ``Y`` fits the term vectors (all clipped to [0, 1])."""
   values: jax.Array  # [n] |Y^T u_i|^2 (0 where not kept)
   sines: jax.Array  # [n] sin^2 = |(I - Y Y^T) u_i|^2 (0 where not kept)
-  pair_sines: jax.Array  # [n, n] |(I - Y Y^T) d_ij|^2 (0 where not a pair)
+  pair_sines: Optional[jax.Array]  # [n, n] |(I - Y Y^T) d_ij|^2 (0 where not a pair;
+  #                                    None without pairs)
 
 
 class _IrlsState(NamedTuple):
@@ -225,6 +227,33 @@ def _dtype_key(dtype) -> str:
   return "float64" if jnp.dtype(dtype) == jnp.float64 else "float32"
 
 
+def _is_zero(lam) -> bool:
+  """Whether ``lam`` is known at trace time to be 0 (a traced ``lam`` keeps the pair terms)."""
+  try:
+    return float(lam) == 0.0
+  except (TypeError, jax.errors.ConcretizationTypeError):
+    return False
+
+
+# Elements of the [batch, k, n] temporaries of _pairwise_sq_differences.
+_PAIR_CHUNK_ELEMENTS = 1 << 22
+
+
+def _pairwise_sq_differences(columns: jax.Array) -> jax.Array:
+  """``[n, n]`` with entry ``(i, j)`` the sum over ``k`` of ``(c_ki - c_kj)^2``, ``c`` ``[k, n]``.
+
+  Differences before squaring (no cancellation where two columns nearly agree). The
+  ``[k, n, n]`` differences are formed in row batches (``lax.map``), so the temporaries stay
+  within ~``2^22`` elements: at n = 1024 the whole tensor would be 4 GiB.
+  """
+  k, n = columns.shape
+  if k * n * n <= _PAIR_CHUNK_ELEMENTS:
+    return jnp.sum(jnp.square(columns[:, :, None] - columns[:, None, :]), axis=0)
+  batch = max(1, _PAIR_CHUNK_ELEMENTS // (k * n))
+  return jax.lax.map(lambda c: jnp.sum(jnp.square(c[:, None] - columns), axis=0), columns.T,
+                     batch_size=batch)
+
+
 def _problem(K: jax.Array, rank: int, lam) -> _Problem:
   """Normalised Gram, its eigen-decomposition, the numerical rank and the pairs."""
   n = K.shape[0]
@@ -242,11 +271,18 @@ def _problem(K: jax.Array, rank: int, lam) -> _Problem:
                           jnp.sqrt(jnp.maximum(eigvals, 0))[:, None] * eigvecs.T, 0)
   inv_sqrt_eigvals = jnp.where(retained, 1 / jnp.sqrt(safe), 0)
 
+  if _is_zero(lam):
+    # No regularizer: no pairs, and none of the O(n^3) pair work below or in each step.
+    return _Problem(
+        kept=kept, row_norms=jnp.where(kept, row_norms, 0),
+        coordinates=coordinates, eigvecs=eigvecs, inv_sqrt_eigvals=inv_sqrt_eigvals,
+        retained=retained, rank=jnp.minimum(rank, jnp.sum(retained)).astype(jnp.int32),
+        pairs=None, pair_sq_distances=None, pair_scale=jnp.zeros((), K.dtype))
   both = kept[:, None] & kept[None, :]
   sq_dist = jnp.maximum(2 - 2 * G, 0)
   # |R (e_i - e_j)|^2 as a sum of squared differences (no cancellation): the part of
   # u_i - u_j that the retained directions hold.
-  resolved_sq = jnp.sum(jnp.square(coordinates[:, :, None] - coordinates[:, None, :]), axis=0)
+  resolved_sq = _pairwise_sq_differences(coordinates)
   upper = jnp.triu(jnp.ones((n, n), bool), k=1)
   pairs = (both & upper & (sq_dist > _PAIR_MIN_DISTANCE[key] ** 2)
            & (resolved_sq >= _PAIR_MIN_RESOLVED * sq_dist))
@@ -268,11 +304,14 @@ def _subspace_basis(problem: _Problem, weights: jax.Array, pair_weights: jax.Arr
   ``(lam / P) w_ij / delta_ij^2``: ``sum_ij a_ij (e_i - e_j)(e_i - e_j)^T`` over the pairs.
   """
   R = problem.coordinates
-  adjacency = problem.pair_scale * pair_weights / problem.pair_sq_distances
-  adjacency = adjacency + adjacency.T
-  laplacian = jnp.diag(jnp.sum(adjacency, axis=1)) - adjacency
-  M = jnp.diag(weights) + laplacian
-  H = jnp.matmul(jnp.matmul(R, M, precision=_HI), R.T, precision=_HI)
+  if problem.pairs is None:
+    H = jnp.matmul(R * weights[None, :], R.T, precision=_HI)
+  else:
+    adjacency = problem.pair_scale * pair_weights / problem.pair_sq_distances
+    adjacency = adjacency + adjacency.T
+    laplacian = jnp.diag(jnp.sum(adjacency, axis=1)) - adjacency
+    M = jnp.diag(weights) + laplacian
+    H = jnp.matmul(jnp.matmul(R, M, precision=_HI), R.T, precision=_HI)
   # Dropped eigen-directions of G are exact zero rows/columns of H; shifting them below the
   # whole spectrum keeps them out of the top r whatever the rounding of the positive part.
   shift = jnp.trace(H) + 1
@@ -297,16 +336,28 @@ def _fit(problem: _Problem, basis: jax.Array) -> _Fit:
   outside = jnp.where(inside, 0, coords)  # (I - Y Y^T) u_i in an orthonormal basis
   values = jnp.sum(jnp.where(inside, coords, 0) ** 2, axis=0)
   sines = jnp.sum(outside ** 2, axis=0)
-  differences = outside[:, :, None] - outside[:, None, :]  # [n, n, n]
-  pair_sines = jnp.sum(differences ** 2, axis=0) / problem.pair_sq_distances
+  if problem.pairs is None:
+    pair_sines = None
+  else:
+    pair_sines = _pairwise_sq_differences(outside) / problem.pair_sq_distances
+    pair_sines = jnp.where(problem.pairs, jnp.clip(pair_sines, 0, 1), 0)
   return _Fit(values=jnp.where(problem.kept, jnp.clip(values, 0, 1), 0),
               sines=jnp.where(problem.kept, jnp.clip(sines, 0, 1), 0),
-              pair_sines=jnp.where(problem.pairs, jnp.clip(pair_sines, 0, 1), 0))
+              pair_sines=pair_sines)
 
 
 def _objective(problem: _Problem, fit: _Fit) -> jax.Array:
   """``A(Y) = sum_i sin_i + lam * mean_{pairs} sin_ij`` over kept rows and pairs."""
+  if fit.pair_sines is None:
+    return jnp.sum(jnp.sqrt(fit.sines))
   return jnp.sum(jnp.sqrt(fit.sines)) + problem.pair_scale * jnp.sum(jnp.sqrt(fit.pair_sines))
+
+
+def _unit_pair_weights(problem: _Problem):
+  """Weight 1 on every pair (the flag mean's start), or None without pairs."""
+  if problem.pairs is None:
+    return None
+  return problem.pairs.astype(problem.coordinates.dtype)
 
 
 def _start_weights(problem: _Problem, num_starts: int) -> jax.Array:
@@ -323,7 +374,7 @@ def _start_weights(problem: _Problem, num_starts: int) -> jax.Array:
   base = problem.kept.astype(dtype)
   if num_starts == 1:
     return base[None]
-  flag_mean = _subspace_basis(problem, base, problem.pairs.astype(dtype))
+  flag_mean = _subspace_basis(problem, base, _unit_pair_weights(problem))
   ratios = jnp.where(problem.kept, _fit(problem, flag_mean).values, jnp.inf)
   order = jnp.argsort(ratios, stable=True)               # worst-fit kept rows first
   boost = jnp.sum(base)
@@ -345,7 +396,7 @@ def _irls(problem: _Problem, max_iters, tol, eps, start_weights: jax.Array) -> _
     fit = _fit(problem, basis)
     return _IrlsState(basis, fit, _objective(problem, fit), num_iters, converged)
 
-  start = _subspace_basis(problem, start_weights, problem.pairs.astype(dtype))
+  start = _subspace_basis(problem, start_weights, _unit_pair_weights(problem))
   initial = state_at(start, jnp.zeros((), jnp.int32), jnp.zeros((), bool))
 
   def keep_going(state):
@@ -353,7 +404,8 @@ def _irls(problem: _Problem, max_iters, tol, eps, start_weights: jax.Array) -> _
 
   def step(state):
     weights = jnp.where(problem.kept, jax.lax.rsqrt(state.fit.sines + eps), 0)
-    pair_weights = jnp.where(problem.pairs, jax.lax.rsqrt(state.fit.pair_sines + eps), 0)
+    pair_weights = None if problem.pairs is None else jnp.where(
+        problem.pairs, jax.lax.rsqrt(state.fit.pair_sines + eps), 0)
     new = state_at(_subspace_basis(problem, weights, pair_weights), state.num_iters + 1,
                    state.converged)
     decrease = state.objective - new.objective

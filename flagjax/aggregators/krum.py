@@ -298,11 +298,15 @@ def bulyan(x, f: int, *, axis_name=None):
   (indices,) = jnp.nonzero(selected, size=theta)
 
   def leaf_fn(leaf):
-    rows = [tree_lib.to_compute(
-        jax.lax.dynamic_index_in_dim(leaf, indices[s], 0, keepdims=False))
-            for s in range(theta)]
-    ordered = sorting.order_statistics(rows)
-    value = sorting.mean_closest_to(ordered, sorting.median_of_sorted(ordered), beta)
+    if theta <= sorting.NETWORK_MAX_WORKERS:
+      # Row by row: the network reads each selected row in place, no gathered copy.
+      rows = [jax.lax.dynamic_index_in_dim(leaf, indices[s], 0, keepdims=False)
+              for s in range(theta)]
+    else:
+      rows = jnp.take(leaf, indices, axis=0)
+    value = sorting.sorted_statistic(
+        rows, lambda ordered: sorting.mean_closest_to(ordered, sorting.median_of_sorted(ordered),
+                                                      beta))
     value = jnp.where(broken, jnp.nan, sorting.nan_if_nonfinite(value))
     return value.astype(tree_lib.output_dtype(leaf.dtype))
   return jax.tree.map(leaf_fn, x)

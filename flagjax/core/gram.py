@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from flagjax.core import tree as tree_lib
 
 __all__ = [
+    "COMBINE_MATVEC_MIN_ROWS",
     "chunk_reference",
     "clean_gram",
     "clip_scale",
@@ -43,6 +44,7 @@ __all__ = [
     "row_norms",
     "select",
     "sq_distances",
+    "sq_distances_to",
     "sq_norms",
     "symmetrize",
     "too_many_nonfinite",
@@ -271,17 +273,36 @@ def wants_centered(coefficients_fn) -> bool:
   return bool(getattr(coefficients_fn, "centered_gram", False))
 
 
+# From this many rows on, :func:`combine` is a matrix-vector product (see there).
+COMBINE_MATVEC_MIN_ROWS = 64
+
+
+def _unrolled_combine(c: jax.Array, terms, dtype, shape) -> jax.Array:
+  total = jnp.zeros(shape, dtype)
+  for i, row in enumerate(terms):
+    # where(), not c_i * x_i: a Byzantine NaN/Inf row with c_i = 0 must contribute 0.
+    total = total + jnp.where(c[i] != 0, c[i] * row.astype(dtype), 0)
+  return total
+
+
 def _leaf_combine(coefficients: jax.Array, leaf: jax.Array,
                   extra: Optional[jax.Array]) -> jax.Array:
   dtype = tree_lib.compute_dtype(leaf.dtype)
   c = coefficients.astype(dtype)
+  n = leaf.shape[0]
+  if extra is None and leaf.dtype == dtype and n >= COMBINE_MATVEC_MIN_ROWS:
+    flat = leaf.reshape(n, -1)
+    product = jnp.matmul(c, flat, precision=jax.lax.Precision.HIGHEST)
+    # A finite product proves that no NaN/Inf row met a zero coefficient (0 * NaN = NaN);
+    # otherwise the exact masked sum is taken instead.
+    total = jax.lax.cond(jnp.all(jnp.isfinite(product)), lambda: product,
+                         lambda: _unrolled_combine(c, tree_lib.rows(flat), dtype,
+                                                   flat.shape[1:]))
+    return total.reshape(leaf.shape[1:]).astype(tree_lib.output_dtype(leaf.dtype))
   terms = list(tree_lib.rows(leaf))
   if extra is not None:
     terms.append(extra)
-  total = jnp.zeros(leaf.shape[1:], dtype)
-  for i, row in enumerate(terms):
-    # where(), not c_i * x_i: a Byzantine NaN/Inf row with c_i = 0 must contribute 0.
-    total = total + jnp.where(c[i] != 0, c[i] * row.astype(dtype), 0)
+  total = _unrolled_combine(c, terms, dtype, leaf.shape[1:])
   return total.astype(tree_lib.output_dtype(leaf.dtype))
 
 
@@ -290,6 +311,13 @@ def combine(coefficients: jax.Array, x: PyTree, *, extra: Optional[PyTree] = Non
 
   One fused pass over the input. Rows with ``c_i == 0`` contribute exactly nothing, even when
   they hold NaN/Inf. Works on a coordinate shard as is (coefficients are shared).
+
+  Up to :data:`COMBINE_MATVEC_MIN_ROWS` rows (and for float16/bfloat16 leaves, whose rows are
+  cast one by one) it is an unrolled, fused sum of ``where(c_i != 0, c_i x_i, 0)`` (~1x one
+  pass ``ones @ x`` at n <= 32). With more rows that sum is ~3x one pass (n = 128, d = 1e5),
+  so it is the product ``c @ x`` (1x), kept when it is finite; a non-finite product (a
+  NaN/Inf row, perhaps under a zero coefficient) takes the masked sum under ``lax.cond``
+  (under ``vmap`` both run).
 
   Args:
     coefficients: ``[n]`` (``[n + 1]`` with ``extra``).
@@ -310,6 +338,9 @@ def combine_many(coefficients: jax.Array, x: PyTree, finite: jax.Array) -> PyTre
   Used by the pre-aggregators that map ``n`` rows to ``n'`` rows (NNM). Non-finite input
   rows are zeroed before the product, so they contribute nothing where ``C_{mi} = 0``; a
   non-zero coefficient on a non-finite row makes that output row NaN (it stays Byzantine).
+  Taken over column chunks of :data:`GRAM_CHUNK` (zeroed and multiplied while in cache, the
+  products written into the output in place), so no cleaned copy of the input is made:
+  XLA's memory plan holds the input, the output and ``O(n L)`` temporaries.
 
   Args:
     coefficients: ``[m, n]``.
@@ -323,14 +354,23 @@ def combine_many(coefficients: jax.Array, x: PyTree, finite: jax.Array) -> PyTre
   """
   def leaf_fn(leaf):
     dtype = tree_lib.compute_dtype(leaf.dtype)
+    out_dtype = tree_lib.output_dtype(leaf.dtype)
     n = leaf.shape[0]
-    flat = leaf.reshape(n, -1).astype(dtype)
+    flat = leaf.reshape(n, -1)
+    size = flat.shape[1]
     c = coefficients.astype(dtype)
-    clean = jnp.where(finite[:, None], flat, 0)
-    out = jnp.matmul(c, clean, precision=jax.lax.Precision.HIGHEST)
+    m = c.shape[0]
     poisoned = jnp.any((c != 0) & ~finite[None, :], axis=1)
-    out = jnp.where(poisoned[:, None], jnp.nan, out)
-    return out.reshape((c.shape[0],) + leaf.shape[1:]).astype(tree_lib.output_dtype(leaf.dtype))
+    if size == 0:
+      return jnp.zeros((m,) + leaf.shape[1:], out_dtype)
+
+    def chunk(block):
+      block = jnp.where(finite[:, None], block.astype(dtype), 0)
+      product = jnp.matmul(c, block, precision=jax.lax.Precision.HIGHEST)
+      return jnp.where(poisoned[:, None], jnp.nan, product).astype(out_dtype)
+
+    out = tree_lib.map_column_blocks(flat, GRAM_CHUNK, chunk)
+    return out.reshape((m,) + leaf.shape[1:])
   return jax.tree.map(leaf_fn, x)
 
 
@@ -462,6 +502,43 @@ def sq_norms(x: PyTree, *, axis_name=None) -> jax.Array:
     ``[n]`` in the widest compute dtype of the leaves.
   """
   return _sums_of_squares(x, (1.0,), axis_name)[0]
+
+
+def sq_distances_to(x: PyTree, point: PyTree, *, axis_name=None) -> jax.Array:
+  r"""Squared distances :math:`|x_i - p|^2` of every row to one point, without forming ``K``.
+
+  For rules that need the ``n`` distances to a single point (MoNNA's reference row, centered
+  clipping's centre), not all ``n^2``: one fused pass of ``sum((x_i - p)^2)`` per leaf, summed
+  over leaves and ``psum``-ed over ``axis_name``. Differences are taken before squaring, so
+  rows sharing a large common component keep every digit of their distance (no
+  :math:`|x_i|^2 - 2 x_i \cdot p + |p|^2` cancellation). Measured on a 2-core CPU (float32,
+  ratios to one pass ``ones @ x``): 2.3-2.9x at d=1e5, ~4-4.5x at d=1e6 (XLA's CPU row
+  reductions run on one core, ``ones @ x`` on both); the centred Gram costs 4.6-9x.
+
+  Args:
+    x: an array ``[n, ...]`` or a pytree whose leaves share the leading ``n``.
+    point: a pytree shaped like one worker's update (no leading axis); with ``axis_name``,
+      this shard of it.
+    axis_name: when set, ``x`` and ``point`` hold a coordinate shard and the sums are
+      ``psum``-ed.
+
+  Returns:
+    ``[n]`` in the widest compute dtype of the leaves: NaN/Inf where row ``i`` or the point
+    holds NaN/Inf, ``+inf`` where a finite distance overflows.
+  """
+  dtype = tree_lib.result_dtype(x)
+  leaves = jax.tree.leaves(x)
+  points = jax.tree.leaves(point)
+  if len(points) != len(leaves):
+    raise ValueError("sq_distances_to needs `point` to have the structure of one worker's "
+                     "update")
+  total = 0
+  for leaf, p in zip(leaves, points):
+    flat = leaf.reshape(leaf.shape[0], -1).astype(dtype)
+    total = total + jnp.sum(jnp.square(flat - p.reshape(1, -1).astype(dtype)), axis=1)
+  if axis_name is not None:
+    total = jax.lax.psum(total, axis_name)
+  return total
 
 
 def nearest_mask(D: jax.Array, size: int) -> jax.Array:

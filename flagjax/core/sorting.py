@@ -1,4 +1,4 @@
-r"""The order-statistics core: a pruned Batcher odd-even merge network over the worker axis.
+r"""The order-statistics core: sorting networks over the worker axis, chosen by ``n``.
 
 Coordinate-wise rules (median, trimmed mean, MeaMed, Phocas, Bulyan's second stage) need, per
 coordinate, a few order statistics of ``n`` values, where ``n`` (workers) is small and static
@@ -9,8 +9,22 @@ and the number of coordinates is huge. A sort along axis 0 (``jnp.sort``/``jnp.m
 next power of two, with comparators that touch padding (+inf) dropped, then pruned backwards
 to the output positions a rule asks for.
 
+The unrolled network's program grows as ``n log^2 n`` comparators and XLA compiles it in
+~2.5-6 s at n=128 but not within 9 minutes at n=256. Above :data:`NETWORK_MAX_WORKERS` the
+values are sorted by a *staged* bitonic network instead (:func:`sorted_statistic`): column
+blocks of ``[2^k, B]`` (the workers padded with ``+inf`` to a power of two) go through its
+``k (k + 1) / 2`` stages, each one ``minimum``/``maximum`` over the whole block, while the
+block sits in cache. Measured on a 2-core CPU, median at d=1e5, ratios to one pass
+``ones @ x``: unrolled network 10x (n=64), 14x (n=128); staged bitonic 35x (n=64), 43x
+(n=128), 32x (n=256), 75-99x (n=1024); ``jnp.median`` (XLA's sort along axis 0) 630-1280x
+at every n in 64..1024. So the crossover is n = 128 (the network up to it, bitonic above).
+
 NaN is mapped to ``+inf`` before sorting, so a NaN worker sorts last, like an ``+inf`` one;
 with at most ``f`` non-finite workers, the positions ``f .. n-f-1`` are all finite.
+
+The helpers that read sorted values (:func:`mean_of_sorted`, :func:`median_of_sorted`,
+:func:`mean_closest_to`) take either a list of arrays (the network's output) or one array
+whose leading axis is the sorted position (the bitonic path's block).
 """
 
 from __future__ import annotations
@@ -21,8 +35,12 @@ from typing import Iterable, Sequence
 import jax
 import jax.numpy as jnp
 
+from flagjax.core import tree as tree_lib
+
 __all__ = [
+    "NETWORK_MAX_WORKERS",
     "batcher_comparators",
+    "bitonic_sort",
     "mean_closest_to",
     "masked_median",
     "mean_of",
@@ -32,7 +50,11 @@ __all__ = [
     "nan_if_nonfinite",
     "order_statistics",
     "pruned_comparators",
+    "sorted_statistic",
 ]
+
+# The largest n sorted by the unrolled network; above it, the staged bitonic network.
+NETWORK_MAX_WORKERS = 128
 
 
 @functools.lru_cache(maxsize=None)
@@ -110,6 +132,8 @@ def mean_of(values: Sequence[jax.Array]) -> jax.Array:
   """
   m = len(values)
   inverse = 1.0 / m
+  if isinstance(values, jax.Array):
+    return jnp.sum(values * inverse, axis=0)
   total = values[0] * inverse
   for value in values[1:]:
     total = total + value * inverse
@@ -185,6 +209,8 @@ def mean_closest_to(sorted_values: Sequence[jax.Array], center: jax.Array,
   m = len(sorted_values)
   if not 1 <= size <= m:
     raise ValueError(f"mean_closest_to needs 1 <= size <= {m}, got size={size}")
+  if isinstance(sorted_values, jax.Array):
+    return _mean_closest_to_array(sorted_values, center, size)
   start = jnp.zeros(center.shape, jnp.int32)
   for j in range(m - size):
     nearer = 0.5 * sorted_values[j] + 0.5 * sorted_values[j + size] < center
@@ -201,6 +227,102 @@ def mean_closest_to(sorted_values: Sequence[jax.Array], center: jax.Array,
     inside = (start <= k) & (k < start + size)
     total = total + jnp.where(inside, value * inverse, 0)
   return jnp.clip(total, low, high)
+
+
+def _mean_closest_to_array(sorted_values: jax.Array, center: jax.Array,
+                           size: int) -> jax.Array:
+  """:func:`mean_closest_to` on one array ``[m, ...]`` (the same window, vectorized)."""
+  m = sorted_values.shape[0]
+  nearer = 0.5 * sorted_values[:m - size] + 0.5 * sorted_values[size:] < center
+  start = jnp.sum(nearer.astype(jnp.int32), axis=0)
+  position = jax.lax.broadcasted_iota(jnp.int32, sorted_values.shape, 0)
+  inside = (start <= position) & (position < start + size)
+  total = jnp.sum(jnp.where(inside, sorted_values * (1.0 / size), 0), axis=0)
+  low = jnp.take_along_axis(sorted_values, start[None], axis=0)[0]
+  high = jnp.take_along_axis(sorted_values, start[None] + size - 1, axis=0)[0]
+  return jnp.clip(total, low, high)
+
+
+def bitonic_sort(block: jax.Array) -> jax.Array:
+  """Sorts ``[P, B]`` along axis 0 (``P`` a power of two) by the staged bitonic network.
+
+  Each merge of sorted runs of ``k / 2`` into runs of ``k`` starts with one stage comparing
+  position ``i`` with its mirror in the run (``i XOR (k - 1)``), so that every comparator
+  puts its minimum first (no direction masks), then half-cleaners at distances
+  ``k / 4, ..., 1``: ``log P (log P + 1) / 2`` stages, each a ``minimum``/``maximum`` of
+  two reshaped halves of the block.
+  """
+  size, width = block.shape
+  if size & (size - 1):
+    raise ValueError(f"bitonic_sort needs a power-of-two length, got {size}")
+  values = block
+  k = 2
+  while k <= size:
+    runs = values.reshape(size // k, k, width)
+    low, high = runs[:, :k // 2], runs[:, k // 2:][:, ::-1]
+    values = jnp.concatenate([jnp.minimum(low, high), jnp.maximum(low, high)[:, ::-1]],
+                             axis=1).reshape(size, width)
+    distance = k // 4
+    while distance >= 1:
+      pairs = values.reshape(size // (2 * distance), 2, distance, width)
+      low, high = pairs[:, 0], pairs[:, 1]
+      values = jnp.stack([jnp.minimum(low, high), jnp.maximum(low, high)],
+                         axis=1).reshape(size, width)
+      distance //= 2
+    k *= 2
+  return values
+
+
+def _block_width(padded: int) -> int:
+  """Columns per bitonic block: ``[padded, width]`` float32 of 64 KiB-2 MiB stays in cache."""
+  return 128 if padded <= 256 else 512
+
+
+def sorted_statistic(values, fn, positions: Iterable[int] | None = None) -> jax.Array:
+  """``fn(sorted values)`` per coordinate, over the leading (worker) axis of ``values``.
+
+  Args:
+    values: one array ``[n, ...]``, or a list of ``n`` equally shaped arrays (one per
+      worker); cast to their compute dtype.
+    fn: maps the sorted values (NaN as ``+inf``) to the statistic; it gets a list of arrays
+      (network) or one array with the sorted position as its leading axis (bitonic) and must
+      accept both (the helpers of this module do).
+    positions: the sorted positions ``fn`` reads, a contiguous range (all when None); the
+      network is pruned to them, and ``fn`` gets exactly these, in order.
+
+  Returns:
+    The statistic, shaped like one worker's value.
+
+  Up to :data:`NETWORK_MAX_WORKERS` workers, the unrolled network of
+  :func:`order_statistics`; above, :func:`bitonic_sort` of column blocks
+  (:func:`flagjax.core.tree.map_column_blocks`: one block at a time, no padded copy).
+  """
+  n = len(values)
+  positions = tuple(range(n)) if positions is None else tuple(positions)
+  if positions != tuple(range(positions[0], positions[0] + len(positions))):
+    raise ValueError(f"sorted_statistic needs contiguous positions, got {positions}")
+  if n <= NETWORK_MAX_WORKERS:
+    rows = [values[i] for i in range(n)] if isinstance(values, jax.Array) else list(values)
+    rows = [r.astype(tree_lib.compute_dtype(r.dtype)) for r in rows]
+    return fn(order_statistics(rows, positions))
+  stacked = jnp.stack(values) if not isinstance(values, jax.Array) else values
+  shape = stacked.shape[1:]
+  flat = stacked.reshape(n, -1)
+  dtype = tree_lib.compute_dtype(flat.dtype)
+  size = flat.shape[1]
+  if size == 0:
+    return jnp.zeros(shape, dtype)
+  padded = 1 << (n - 1).bit_length()
+  first, last = positions[0], positions[-1] + 1
+
+  def block_fn(block):
+    block = _nan_to_inf(block.astype(dtype))
+    if padded > n:
+      block = jnp.concatenate([block, jnp.full((padded - n, block.shape[1]), jnp.inf, dtype)])
+    return fn(bitonic_sort(block)[first:last]).astype(dtype)
+
+  out = tree_lib.map_column_blocks(flat, _block_width(padded), block_fn)
+  return out.reshape(shape)
 
 
 def masked_median(values: jax.Array, mask: jax.Array, *, lower: bool = False) -> jax.Array:

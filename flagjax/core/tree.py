@@ -25,6 +25,7 @@ __all__ = [
     "check_not_worker_list",
     "check_rows_match_params",
     "compute_dtype",
+    "map_column_blocks",
     "num_workers",
     "output_dtype",
     "result_dtype",
@@ -105,6 +106,34 @@ def result_dtype(x: PyTree) -> jnp.dtype:
 def rows(leaf: jax.Array) -> list[jax.Array]:
   """The n worker rows of one leaf as a Python list (static slices; XLA fuses them)."""
   return [leaf[i] for i in range(leaf.shape[0])]
+
+
+def map_column_blocks(flat: jax.Array, width: int, block_fn) -> jax.Array:
+  """``block_fn`` on column blocks of ``flat [n, size]``, its outputs side by side.
+
+  ``block_fn`` maps a block ``[n, width]`` to ``[..., width]``; the result is
+  ``[..., size]``. The blocks are read and their results written in place by a
+  ``fori_loop`` (one block's temporaries at a time); the last block overlaps the one before
+  (its columns are computed twice, alike), so no padded copy of the input is made. The first
+  block is taken before the loop and seeds the output, so the loop's carry has the block
+  results' type (inside ``shard_map``: varying over the coordinate axis, like the data).
+  """
+  size = flat.shape[-1]
+  width = min(width, size)
+
+  def block_at(k):
+    start = jnp.minimum(k * width, size - width)
+    return start, block_fn(jax.lax.dynamic_slice_in_dim(flat, start, width, axis=1))
+
+  _, first = block_at(0)
+  out = jnp.zeros(first.shape[:-1] + (size,), first.dtype)
+  out = jax.lax.dynamic_update_slice_in_dim(out, first, 0, axis=-1)
+
+  def body(k, out):
+    start, value = block_at(k)
+    return jax.lax.dynamic_update_slice_in_dim(out, value, start, axis=-1)
+
+  return jax.lax.fori_loop(1, -(-size // width), body, out)
 
 
 def to_output(value: jax.Array, like_dtype) -> jax.Array:
