@@ -255,6 +255,16 @@ RULES = (
 RULE_NAMES = tuple(rule.name for rule in RULES)
 
 
+def _rule_f(rule: Rule, n: int) -> int:
+  """``f = n // 4``, or less where the rule's bound needs it."""
+  return n // 4 if rule.max_f is None else max(0, min(n // 4, rule.max_f(n)))
+
+
+def _rule_iters(rule: Rule, args) -> dict:
+  """``{"max_iters": --flag-iters}`` for the rules run for a fixed number of steps."""
+  return {"max_iters": args.flag_iters} if rule.fixed_iters else {}
+
+
 # --------------------------------------------------------------------------------------------
 # Optional libraries.
 
@@ -415,8 +425,7 @@ def bench_cell(n: int, d: int, rules: Sequence[Rule], libraries: dict, args,
   default_f = n // 4
   records = []
   for rule in rules:
-    f = default_f if rule.max_f is None else max(0, min(default_f, rule.max_f(n)))
-    iters = {"max_iters": args.flag_iters} if rule.fixed_iters else {}
+    f, iters = _rule_f(rule, n), _rule_iters(rule, args)
     timed = {"one_pass": Timed(one_pass, x),
              "flagjax": Timed(jax.jit(rule.flagjax(n, f, **iters),
                                       donate_argnums=(0,) if rule.donate else ()), x,
@@ -490,8 +499,7 @@ def memory_cell(n: int, d: int, rules: Sequence[Rule], args, progress=None) -> d
   default_f = n // 4
   records = []
   for rule in rules:
-    f = default_f if rule.max_f is None else max(0, min(default_f, rule.max_f(n)))
-    iters = {"max_iters": args.flag_iters} if rule.fixed_iters else {}
+    f, iters = _rule_f(rule, n), _rule_iters(rule, args)
     record = {"rule": rule.name, "n": n, "d": d, "f": f}
     try:
       fn = jax.jit(rule.flagjax(n, f, **iters), donate_argnums=(0,) if rule.donate else ())

@@ -36,28 +36,13 @@ from experiments import bench_aggregators
 from flagjax.core import sorting
 
 
-def _network_median(x):
-  n = x.shape[0]
-  rows = [x[i] for i in range(n)]
-  return sorting.median_of_sorted(sorting.order_statistics(rows, sorting.median_positions(n)))
-
-
-def _bitonic_median(x):
-  # sorted_statistic takes the network up to NETWORK_MAX_WORKERS; this forces the blocks.
-  n = x.shape[0]
-  padded = 1 << (n - 1).bit_length()
-  width = min(128, x.shape[1])
-  positions = sorting.median_positions(n)
-
-  def block_fn(k, out):
-    start = jnp.minimum(k * width, x.shape[1] - width)
-    block = jax.lax.dynamic_slice_in_dim(x, start, width, axis=1)
-    block = jnp.concatenate([block, jnp.full((padded - n, width), jnp.inf, x.dtype)])
-    ordered = sorting.bitonic_sort(block)[positions[0]:positions[-1] + 1]
-    return jax.lax.dynamic_update_slice_in_dim(out, sorting.median_of_sorted(ordered), start, 0)
-
-  return jax.lax.fori_loop(0, -(-x.shape[1] // width), block_fn,
-                           jnp.zeros((x.shape[1],), x.dtype))
+def _median(network_max_workers):
+  """The median through ``sorting.sorted_statistic`` with its crossover moved."""
+  def median(x):
+    return sorting.sorted_statistic(x, sorting.median_of_sorted,
+                                    sorting.median_positions(x.shape[0]),
+                                    network_max_workers=network_max_workers)
+  return median
 
 
 def _top_k_median(x):
@@ -66,7 +51,7 @@ def _top_k_median(x):
   return largest[:, -1] if n % 2 else 0.5 * largest[:, -1] + 0.5 * largest[:, -2]
 
 
-METHODS = {"network": _network_median, "bitonic": _bitonic_median,
+METHODS = {"network": _median(10**9), "bitonic": _median(0),
            "sort": lambda x: jnp.median(x, axis=0), "top_k": _top_k_median}
 
 

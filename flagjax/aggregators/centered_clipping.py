@@ -88,11 +88,12 @@ def centered_clipping_coefficients(K: jax.Array, *, tau: float = 10.0,
   return jnp.where(usable, coefficients, jnp.nan)
 
 
-def _one_step_coefficients(distances: jax.Array, tau: float, centre_ok: jax.Array) -> jax.Array:
+def _one_step_coefficients(distances: jax.Array, tau: float) -> jax.Array:
   """Coefficients ``[n + 1]`` of one clipping step from the ``n`` distances to the centre.
 
   ``s_i = min(1, tau / |x_i - v_0|) / n`` on rows with a finite distance, 0 elsewhere; the
-  centre keeps ``1 - sum(s)``. NaN when ``centre_ok`` is False or no distance is finite.
+  centre keeps ``1 - sum(s)``. NaN when no distance is finite (a NaN/Inf centre makes every
+  distance non-finite).
   """
   n = distances.shape[0]
   finite = jnp.isfinite(distances)
@@ -100,7 +101,7 @@ def _one_step_coefficients(distances: jax.Array, tau: float, centre_ok: jax.Arra
   scale = jnp.where(over, tau / jnp.where(over, distances, 1), 1)
   scale = jnp.where(finite, scale, 0) / n
   coefficients = jnp.concatenate([scale, (1 - jnp.sum(scale))[None]])
-  return jnp.where(centre_ok & jnp.any(finite), coefficients, jnp.nan)
+  return jnp.where(jnp.any(finite), coefficients, jnp.nan)
 
 
 def centered_clipping_row_coefficients(x, center=None, *, tau: float = 10.0,
@@ -134,16 +135,14 @@ def centered_clipping_row_coefficients(x, center=None, *, tau: float = 10.0,
   if num_iters == 1:
     if center is None:
       distances = gram_lib.row_norms(x, axis_name=axis_name)
-      return _one_step_coefficients(distances, tau, jnp.bool_(True))
-    sq = gram_lib.sq_distances_to(x, center, axis_name=axis_name)
-    # A NaN/Inf centre makes every distance non-finite, so no row is usable: NaN below.
-    return _one_step_coefficients(jnp.sqrt(sq), tau, jnp.bool_(True))
-  coefficients_fn = lambda K: centered_clipping_coefficients(K, tau=tau, num_iters=num_iters)
+    else:
+      distances = jnp.sqrt(gram_lib.sq_distances_to(x, center, axis_name=axis_name))
+    return _one_step_coefficients(distances, tau)
   if center is None:
     K = gram_lib.gram(x, axis_name=axis_name, centered=True, origin=True)
   else:
     K = gram_lib.gram(x, axis_name=axis_name, extra=center, centered=True)
-  return coefficients_fn(K)
+  return centered_clipping_coefficients(K, tau=tau, num_iters=num_iters)
 
 
 def centered_clipping(x, center=None, *, tau: float = 10.0, num_iters: int = 3,

@@ -271,13 +271,14 @@ def _problem(K: jax.Array, rank: int, lam) -> _Problem:
                           jnp.sqrt(jnp.maximum(eigvals, 0))[:, None] * eigvecs.T, 0)
   inv_sqrt_eigvals = jnp.where(retained, 1 / jnp.sqrt(safe), 0)
 
+  problem = _Problem(
+      kept=kept, row_norms=jnp.where(kept, row_norms, 0),
+      coordinates=coordinates, eigvecs=eigvecs, inv_sqrt_eigvals=inv_sqrt_eigvals,
+      retained=retained, rank=jnp.minimum(rank, jnp.sum(retained)).astype(jnp.int32),
+      pairs=None, pair_sq_distances=None, pair_scale=jnp.zeros((), K.dtype))
   if _is_zero(lam):
     # No regularizer: no pairs, and none of the O(n^3) pair work below or in each step.
-    return _Problem(
-        kept=kept, row_norms=jnp.where(kept, row_norms, 0),
-        coordinates=coordinates, eigvecs=eigvecs, inv_sqrt_eigvals=inv_sqrt_eigvals,
-        retained=retained, rank=jnp.minimum(rank, jnp.sum(retained)).astype(jnp.int32),
-        pairs=None, pair_sq_distances=None, pair_scale=jnp.zeros((), K.dtype))
+    return problem
   both = kept[:, None] & kept[None, :]
   sq_dist = jnp.maximum(2 - 2 * G, 0)
   # |R (e_i - e_j)|^2 as a sum of squared differences (no cancellation): the part of
@@ -289,11 +290,8 @@ def _problem(K: jax.Array, rank: int, lam) -> _Problem:
   num_pairs = jnp.sum(pairs)
   pair_scale = jnp.where(num_pairs > 0, jnp.asarray(lam, K.dtype) / jnp.maximum(num_pairs, 1),
                          0)
-  return _Problem(
-      kept=kept, row_norms=jnp.where(kept, row_norms, 0),
-      coordinates=coordinates, eigvecs=eigvecs, inv_sqrt_eigvals=inv_sqrt_eigvals,
-      retained=retained, rank=jnp.minimum(rank, jnp.sum(retained)).astype(jnp.int32),
-      pairs=pairs, pair_sq_distances=jnp.where(pairs, resolved_sq, 1), pair_scale=pair_scale)
+  return problem._replace(pairs=pairs, pair_sq_distances=jnp.where(pairs, resolved_sq, 1),
+                          pair_scale=pair_scale)
 
 
 def _subspace_basis(problem: _Problem, weights: jax.Array, pair_weights: jax.Array

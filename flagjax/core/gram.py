@@ -357,12 +357,8 @@ def combine_many(coefficients: jax.Array, x: PyTree, finite: jax.Array) -> PyTre
     out_dtype = tree_lib.output_dtype(leaf.dtype)
     n = leaf.shape[0]
     flat = leaf.reshape(n, -1)
-    size = flat.shape[1]
     c = coefficients.astype(dtype)
-    m = c.shape[0]
     poisoned = jnp.any((c != 0) & ~finite[None, :], axis=1)
-    if size == 0:
-      return jnp.zeros((m,) + leaf.shape[1:], out_dtype)
 
     def chunk(block):
       block = jnp.where(finite[:, None], block.astype(dtype), 0)
@@ -370,7 +366,7 @@ def combine_many(coefficients: jax.Array, x: PyTree, finite: jax.Array) -> PyTre
       return jnp.where(poisoned[:, None], jnp.nan, product).astype(out_dtype)
 
     out = tree_lib.map_column_blocks(flat, GRAM_CHUNK, chunk)
-    return out.reshape((m,) + leaf.shape[1:])
+    return out.reshape((c.shape[0],) + leaf.shape[1:])
   return jax.tree.map(leaf_fn, x)
 
 

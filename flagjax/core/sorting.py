@@ -278,7 +278,8 @@ def _block_width(padded: int) -> int:
   return 128 if padded <= 256 else 512
 
 
-def sorted_statistic(values, fn, positions: Iterable[int] | None = None) -> jax.Array:
+def sorted_statistic(values, fn, positions: Iterable[int] | None = None, *,
+                     network_max_workers: int = NETWORK_MAX_WORKERS) -> jax.Array:
   """``fn(sorted values)`` per coordinate, over the leading (worker) axis of ``values``.
 
   Args:
@@ -289,11 +290,13 @@ def sorted_statistic(values, fn, positions: Iterable[int] | None = None) -> jax.
       accept both (the helpers of this module do).
     positions: the sorted positions ``fn`` reads, a contiguous range (all when None); the
       network is pruned to them, and ``fn`` gets exactly these, in order.
+    network_max_workers: the crossover (``experiments.bench_sorting`` moves it to time
+      both methods at one ``n``).
 
   Returns:
     The statistic, shaped like one worker's value.
 
-  Up to :data:`NETWORK_MAX_WORKERS` workers, the unrolled network of
+  Up to ``network_max_workers`` (:data:`NETWORK_MAX_WORKERS`) workers, the unrolled network of
   :func:`order_statistics`; above, :func:`bitonic_sort` of column blocks
   (:func:`flagjax.core.tree.map_column_blocks`: one block at a time, no padded copy).
   """
@@ -301,17 +304,13 @@ def sorted_statistic(values, fn, positions: Iterable[int] | None = None) -> jax.
   positions = tuple(range(n)) if positions is None else tuple(positions)
   if positions != tuple(range(positions[0], positions[0] + len(positions))):
     raise ValueError(f"sorted_statistic needs contiguous positions, got {positions}")
-  if n <= NETWORK_MAX_WORKERS:
-    rows = [values[i] for i in range(n)] if isinstance(values, jax.Array) else list(values)
-    rows = [r.astype(tree_lib.compute_dtype(r.dtype)) for r in rows]
-    return fn(order_statistics(rows, positions))
+  if n <= network_max_workers:
+    rows = tree_lib.rows(values) if isinstance(values, jax.Array) else values
+    return fn(order_statistics([tree_lib.to_compute(r) for r in rows], positions))
   stacked = jnp.stack(values) if not isinstance(values, jax.Array) else values
   shape = stacked.shape[1:]
   flat = stacked.reshape(n, -1)
   dtype = tree_lib.compute_dtype(flat.dtype)
-  size = flat.shape[1]
-  if size == 0:
-    return jnp.zeros(shape, dtype)
   padded = 1 << (n - 1).bit_length()
   first, last = positions[0], positions[-1] + 1
 

@@ -119,6 +119,8 @@ def map_column_blocks(flat: jax.Array, width: int, block_fn) -> jax.Array:
   results' type (inside ``shard_map``: varying over the coordinate axis, like the data).
   """
   size = flat.shape[-1]
+  if size == 0:
+    return block_fn(flat)
   width = min(width, size)
 
   def block_at(k):
