@@ -4,10 +4,14 @@ For each rule, each number of Byzantine workers ``f`` and each heterogeneity lev
 the **worst** final test accuracy over a set of attacks (mean over seeds; the spread is that
 attack's std over seeds), and names the attack that achieved it. ``--help`` is the manual.
 
-Fast because it is a grid: all runs of one (rule, f, attack) group, every heterogeneity
-level times every seed, share one compiled program, a ``jax.vmap`` over runs of a
-``lax.scan`` over steps (:func:`experiments.train.scan_steps`, the same training as
-``experiments.train``). Each finished run is written atomically as a cell of the sweep's
+Fast because it is a grid: all runs of one (rule, f) group share one compiled program, a
+``jax.vmap`` over runs of a ``lax.scan`` over steps (:func:`experiments.train.scan_steps`,
+the same training as ``experiments.train``): every heterogeneity level, every seed and every
+plain gradient attack (:data:`experiments.specs.GRADIENT_ATTACKS`: a ``lax.switch`` on an
+attack index, the program called once per attack). Compiling a training program (~2 s on 2
+cores) costs ~40 runs of 200 steps, so the more runs share one, the fewer seconds per run. Attacks that
+change more than the Byzantine rows (data attacks, the adaptive attacks that run the rule,
+lossy links) keep a program of their own per (rule, f). Each finished run is written atomically as a cell of the sweep's
 store (``<out>/cells/<key>.json``, the key of :func:`experiments.sweep.cell_key`, so the
 leaderboard and ``experiments.sweep`` name a run alike); a killed run restarts where it
 stopped and never loses or duplicates a run.
@@ -45,7 +49,7 @@ DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_STEPS = 200
 
 # The main job: the setting that separates the rules (15 workers, 6 Byzantine, Dirichlet 0.3
-# non-IID shards), a few rules and attacks, in about a minute and a half on 2 cores.
+# non-IID shards), a few rules and attacks, in about half a minute on 2 cores.
 QUICK = dict(rules=("mean", "median", "krum", "geometric_median", "centered_clipping", "flag",
                     "normalized_mean"),
              fs=(6,), alphas=(0.3,), attacks=("sign_flip", "alie", "min_max"), seeds=(0, 1, 2),
@@ -72,17 +76,28 @@ class Board:
     return self.base.replace(rules=(rule,), num_byzantine=f, attack=attack, alpha=alpha,
                              seeds=(seed,))
 
-  def groups(self):
-    """``(rule, f, attack)`` groups in running order; each holds ``alphas x seeds`` runs."""
-    return itertools.product(self.rules, self.fs, self.attacks)
+  def attack_families(self) -> list[tuple]:
+    """The attacks in groups that share a program: every switchable one together (first),
+    then each other attack alone."""
+    switchable = tuple(a for a in self.attacks if switchable_attack(a))
+    return ([switchable] if switchable else []) + [(a,) for a in self.attacks
+                                                   if not switchable_attack(a)]
 
-  def runs(self, rule: str, f: int, attack: str):
-    """``[(alpha, seed, key, config)]`` of one group."""
+  def groups(self):
+    """``(rule, f, attacks)`` groups in running order; each holds
+    ``attacks x alphas x seeds`` runs and compiles one program."""
+    return itertools.product(self.rules, self.fs, self.attack_families())
+
+  def runs(self, rule: str, f: int, attacks: Sequence[str]):
+    """``[(alpha, seed, key, config)]`` of one group (the config names the run's attack)."""
+    if isinstance(attacks, str):
+      attacks = (attacks,)
     out = []
-    for alpha in self.alphas:
-      for seed in self.seeds:
-        config = self.run_config(rule, f, attack, alpha, seed)
-        out.append((alpha, seed, sweep.cell_key(config), config))
+    for attack in attacks:
+      for alpha in self.alphas:
+        for seed in self.seeds:
+          config = self.run_config(rule, f, attack, alpha, seed)
+          out.append((alpha, seed, sweep.cell_key(config), config))
     return out
 
   def __len__(self):
@@ -96,33 +111,83 @@ def _stack(trees):
   return jax.tree.map(lambda *leaves: jnp.stack(leaves), *trees)
 
 
-def batched_runner(config: train.Config, prepared: train.Prepared, rule_text: str) -> Callable:
+def switchable_attack(attack: str) -> bool:
+  """Whether runs under ``attack`` can share a program with other such attacks: a plain
+  gradient attack, which only replaces the Byzantine rows (same shapes for every attack)."""
+  return specs.parse_spec(attack, "attack").name in specs.GRADIENT_ATTACKS
+
+
+def _switched_attack(plans: Sequence[specs.AttackPlan], index) -> Callable:
+  """``attack(honest, f, key)`` that runs ``plans[index].attack``.
+
+  ``index`` is the same for every run of a batch (it is not vmapped), so the switch stays a
+  real branch: each step runs one attack, and the program holds one training loop whatever
+  the number of attacks (a vmapped index would run every attack for every run)."""
+  import jax
+
+  def attack(honest, f, key, **kwargs):
+    branches = [lambda h, k, fn=plan.attack: fn(h, f, k, **kwargs) for plan in plans]
+    return jax.lax.switch(index, branches, honest, key)
+  return attack
+
+
+# XLA's CPU backend at optimisation level 1 compiles a training program ~1.3-2.6x faster
+# than at its default (fang's: 5.4 s -> 2.0 s) and runs it as fast (measured on the
+# leaderboard's digits runs, 2 cores); compilation is most of a short run's cost.
+_COMPILER_OPTIONS = {"xla_backend_optimization_level": 1}
+
+
+def batched_runner(config: train.Config, prepared: train.Prepared, rule_text: str,
+                   attacks: Optional[Sequence[str]] = None) -> Callable:
   """``run(configs) -> [(final accuracy, mean honest loss)]`` for runs that differ only in
-  ``seed`` and ``alpha`` (one compiled program: ``vmap`` over runs of a ``scan`` over steps).
+  ``seed``, ``alpha`` and, among ``attacks`` (switchable ones, see :func:`switchable_attack`),
+  ``attack``: one compiled program, a ``vmap`` over runs of a ``scan`` over steps, called
+  once per attack with that attack's runs (a ``lax.switch`` picks the attack).
+
+  Each run draws the same keys and takes the same steps as ``experiments.train`` would for
+  its config alone.
 
   Raises:
     RuleUnavailable: the rule's bound on f is broken.
   """
   import jax
+  import jax.numpy as jnp
   import numpy as np
 
-  compiled = train.build_step(config, prepared, rule_text)
+  attacks = tuple(attacks or (config.attack,))
+  compiled = train.build_step(config.replace(attack=attacks[0]), prepared, rule_text)
+  if len(attacks) > 1:
+    rule = specs.parse_spec(rule_text, "rule")
+    plans = [train.make_attack_plan(config.replace(attack=a), prepared, rule) for a in attacks]
 
-  def one_run(params, opt_state, key, shards, images, labels):
-    params, _, loss, _ = train.scan_steps(compiled.step, config, params, opt_state, key, 0,
+  def one_run(params, opt_state, key, shards, attack_index, images, labels):
+    step = compiled.step
+    if len(attacks) > 1:
+      plan = specs.AttackPlan(_switched_attack(plans, attack_index), None)
+      step = train.build_step(config, prepared, rule_text, plan=plan).step
+    params, _, loss, _ = train.scan_steps(step, config, params, opt_state, key, 0,
                                           config.steps, shards, images, labels)
     return prepared.accuracy(params), loss
 
-  batched = jax.jit(jax.vmap(one_run, in_axes=(0, 0, 0, 0, None, None)))
+  batched = jax.jit(jax.vmap(one_run, in_axes=(0, 0, 0, 0, None, None, None)),
+                    compiler_options=_COMPILER_OPTIONS)
 
   def run(configs: Sequence[train.Config]) -> list:
     server = specs.takes_server_update(compiled.spec)
-    states = [train.initial_state(c, prepared, compiled.tx, c.seeds[0], server=server)
-              for c in configs]
-    params, opt_state, shards, keys = (_stack(part) for part in zip(*states))
-    accuracy, loss = batched(params, opt_state, keys, shards, prepared.train_images,
-                             prepared.train_labels)
-    return list(zip(np.asarray(accuracy).tolist(), np.asarray(loss).tolist()))
+    results = [None] * len(configs)
+    for index, attack in enumerate(attacks):
+      chosen = [i for i, c in enumerate(configs) if c.attack == attack]
+      if not chosen:
+        continue
+      states = [train.initial_state(configs[i], prepared, compiled.tx, configs[i].seeds[0],
+                                    server=server) for i in chosen]
+      params, opt_state, shards, keys = (_stack(part) for part in zip(*states))
+      accuracy, loss = batched(params, opt_state, keys, shards, jnp.int32(index),
+                               prepared.train_images, prepared.train_labels)
+      for i, pair in zip(chosen, zip(np.asarray(accuracy).tolist(),
+                                     np.asarray(loss).tolist())):
+        results[i] = pair
+    return results
   return run
 
 
@@ -157,23 +222,27 @@ def run_board(board: Board, out_dir: str, command: str, *, progress: bool = True
   timing = {"runs": 0, "seconds": 0.0}
 
   try:
-    for rule, f, attack in board.groups():
-      runs = board.runs(rule, f, attack)
+    for rule, f, attacks in board.groups():
+      runs = board.runs(rule, f, attacks)
       todo = [run for run in runs if run[2] not in done]
       if not todo:
         continue
       rule_label = specs.parse_spec(rule, "rule").label
-      attack_label = specs.parse_spec(attack, "attack").label
+      todo_attacks = tuple(a for a in attacks if any(c.attack == a for *_, c in todo))
+      group_label = ", ".join(specs.parse_spec(a, "attack").label for a in todo_attacks)
       tic = time.perf_counter()
       try:
         group_config = todo[0][3]
-        train.validate(group_config, allow_unavailable=True)
-        results = batched_runner(group_config, prepared, rule)([c for *_, c in todo])
+        for attack in todo_attacks:
+          train.validate(group_config.replace(attack=attack), allow_unavailable=True)
+        results = batched_runner(group_config, prepared, rule, todo_attacks)(
+            [c for *_, c in todo])
         reason = None
       except RuleUnavailable as error:
         results, reason = None, str(error)
       seconds = time.perf_counter() - tic
       for i, (alpha, seed, key, config) in enumerate(todo):
+        attack_label = specs.parse_spec(config.attack, "attack").label
         record = _record(key, rule_label, f, attack_label, alpha, seed, config)
         if results is None:
           record.update(status="n/a", reason=reason)
@@ -194,7 +263,7 @@ def run_board(board: Board, out_dir: str, command: str, *, progress: bool = True
       elapsed = time.perf_counter() - start
       eta = elapsed / computed * (total - finished)
       result = "n/a" if results is None else f"{len(todo)} runs in {seconds:.1f} s"
-      log(f"[{finished}/{total}] {rule_label} | f = {f} | {attack_label}: {result} "
+      log(f"[{finished}/{total}] {rule_label} | f = {f} | {group_label}: {result} "
           f"(elapsed {_eta(elapsed)}, ETA {_eta(eta)})")
   finally:
     bar.close()
@@ -317,28 +386,36 @@ def write_outputs(out_dir: str, board: Board, done: dict, command: str,
 def measure_speedup(board: Board, out_dir: str, log=print) -> dict:
   """Seconds per run: the first group batched, and the same runs through
   ``experiments.sweep.run_sweep`` (one run at a time, one compilation per rule and setting),
-  in this process, into fresh folders under ``out_dir``."""
+  in this process, into fresh folders under ``out_dir``, after one untimed warm-up run."""
   import shutil
-  rule, f, attack = next(iter(board.groups()))
-  one = Board(board.base, [rule], [f], board.alphas, [attack], board.seeds)
-  folders = {name: os.path.join(out_dir, f"speedup-{name}") for name in ("batched", "sweep")}
+  rule, f, attacks = next(iter(board.groups()))
+  one = Board(board.base, [rule], [f], board.alphas, list(attacks), board.seeds)
+  folders = {name: os.path.join(out_dir, f"speedup-{name}")
+             for name in ("warm-up", "batched", "sweep")}
   for folder in folders.values():
     shutil.rmtree(folder, ignore_errors=True)
+  # One untimed run first, so that neither side pays the process's one-time costs (loading
+  # the data, compiling the model's initialisation and the eager helpers both sides share).
+  warm_up = Board(board.base, [rule], [f], board.alphas[:1], [attacks[0]], board.seeds[:1])
+  run_board(warm_up, folders["warm-up"], "speed-up (warm-up)", progress=False,
+            log=lambda _: None)
   tic = time.perf_counter()
   run_board(one, folders["batched"], "speed-up (batched)", progress=False, log=lambda _: None)
   batched = (time.perf_counter() - tic) / len(one)
-  settings = [(alpha_label(a), board.base.replace(num_byzantine=f, attack=attack, alpha=a))
-              for a in board.alphas]
+  settings = [(f"{attack}, {alpha_label(a)}",
+               board.base.replace(num_byzantine=f, attack=attack, alpha=a))
+              for attack in attacks for a in board.alphas]
   grid = sweep.Grid(settings, [rule], board.seeds)
   tic = time.perf_counter()
   sweep.run_sweep(grid, folders["sweep"], "speed-up (sweep)", progress=False,
                   log=lambda _: None)
   sequential = (time.perf_counter() - tic) / len(grid)
-  result = {"rule": rule, "f": f, "attack": attack, "runs": len(one),
+  result = {"rule": rule, "f": f, "attacks": list(attacks), "runs": len(one),
             "steps": board.base.steps, "batched_seconds_per_run": batched,
             "sweep_seconds_per_run": sequential, "speedup": sequential / batched}
   report.atomic_write_json(os.path.join(out_dir, "speedup.json"), result)
-  log(f"speed-up: {len(one)} runs of {rule} | f = {f} | {attack}, {board.base.steps} steps: "
+  log(f"speed-up: {len(one)} runs of {rule} | f = {f} | {', '.join(attacks)}, "
+      f"{board.base.steps} steps: "
       f"{batched:.2f} s per run batched, {sequential:.2f} s per run through experiments.sweep "
       f"({sequential / batched:.1f}x)")
   return result
@@ -357,15 +434,16 @@ of --attacks. A cell of the leaderboard is the worst final test accuracy over th
 A rule whose bound on f is broken (e.g. krum needs n >= 2f + 3) shows n/a with the bound.
 
 Outputs in --out: cells/<key>.json (one per run, written atomically), leaderboard.json,
-table.md, heatmap-<rule>.png (f x heterogeneity) and best-rule.png. Runs of one
-(rule, f, attack) share one compiled program (vmap over runs, scan over steps). The
-leaderboard resumes: run the same command again after a crash or Ctrl-C and only the missing
-runs are computed; --fresh starts over.
+table.md, heatmap-<rule>.png (f x heterogeneity) and best-rule.png. The runs of one rule
+and f share one compiled program (vmap over runs, scan over steps): every heterogeneity
+level, seed and plain gradient attack; data attacks, the optimal (adaptive) attacks and lossy
+links get a program each. The leaderboard resumes: run the same command again after a
+crash or Ctrl-C and only the missing runs are computed; --fresh starts over.
 """
 
 EPILOG = """\
 examples:
-  python -m experiments.leaderboard --quick              # the main job, ~1.5 minutes
+  python -m experiments.leaderboard --quick              # the main job, ~30 s
   python -m experiments.leaderboard                      # the default grid
   python -m experiments.leaderboard --rules flag median --f 3 5 --attacks alie min_max
   python -m experiments.leaderboard --quick --measure-speedup   # batched vs experiments.sweep
@@ -409,8 +487,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"SGD learning rate (default: {train.Config.lr})")
   parser.add_argument("--quick", action="store_true",
                       help="the main job's small grid: 7 rules, f = 6, Dirichlet 0.3, the "
-                           "attacks sign_flip alie min_max, 3 seeds, 100 steps (about 1.5 "
-                           "minutes on 2 cores); other options override it")
+                           "attacks sign_flip alie min_max, 3 seeds, 100 steps (about half a "
+                           "minute on 2 cores); other options override it")
   parser.add_argument("--out", help="output folder (default: results/leaderboard or "
                                     "results/leaderboard-quick)")
   parser.add_argument("--fresh", action="store_true", help="delete finished runs in --out first")

@@ -490,13 +490,39 @@ def test_leaderboard_worst_case_is_the_minimum_over_attacks():
   assert leaderboard.summarize(board, done)["cells"][1]["status"] == "partial"
 
 
+def test_leaderboard_groups_switchable_attacks_and_each_run_is_its_own():
+  board = leaderboard.Board(train.Config(), ["median"], [1, 2], [None, 0.5],
+                            ["alie", "label_flip", "gaussian", "optimal_ipm", "fang"], [0])
+  # Plain gradient attacks share one program per (rule, f); the others have their own.
+  assert board.attack_families() == [("alie", "gaussian", "fang"), ("label_flip",),
+                                     ("optimal_ipm",)]
+  groups = list(board.groups())
+  assert len(groups) == 6 and sum(len(board.runs(*g)) for g in groups) == len(board) == 20
+  # One batched program over three attacks (a random one among them) and two
+  # heterogeneities: each run equals experiments.train's run of its config alone.
+  config = train.Config(dataset="synthetic", num_workers=5, num_byzantine=1, steps=4,
+                        eval_every=4, batch_size=8, rules=("median",), seeds=(0,))
+  configs = [config.replace(attack=a, alpha=alpha) for a in ("gaussian", "alie", "fang")
+             for alpha in (None, 0.5)]
+  prepared = train.prepare(config)
+  batched = leaderboard.batched_runner(configs[0], prepared, "median",
+                                       ("alie", "gaussian", "fang"))(configs)
+  for i in (0, 3, 4):  # each attack once, both heterogeneities
+    alone = train.build_runner(configs[i], prepared, "median").run(0)
+    assert batched[i][0] == pytest.approx(alone["final_accuracy"], abs=1e-6), configs[i]
+    # eval_every = steps: one chunk, so its mean honest loss is the batched run's.
+    assert batched[i][1] == pytest.approx(alone["honest_loss"][-1], rel=1e-5), configs[i]
+  # The attacks differ (else the test could not tell a wrong branch).
+  assert len({round(loss, 6) for _, loss in batched}) == len(configs)
+
+
 def test_leaderboard_killed_and_resumed_matches_one_at_a_time_training(tmp_path, capsys):
   out = tmp_path / "board"
   argv = BOARD + ["--out", str(out)]
   cells = out / "cells"
-  # Killed at the first finished group, mid-grid.
-  before = kill_after("experiments.leaderboard", argv, "[4/", cells)
-  assert 4 <= len(before) < 16, before
+  # Killed at the first finished group (bulyan's, n/a: both attacks share a group), mid-grid.
+  before = kill_after("experiments.leaderboard", argv, "[8/", cells)
+  assert 8 <= len(before) < 16, before
 
   assert leaderboard.main(argv) == 0
   log = capsys.readouterr().out

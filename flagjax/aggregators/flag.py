@@ -173,6 +173,7 @@ class _Problem(NamedTuple):
   row_norms: jax.Array  # [n] |x_i| (0 where not kept)
   coordinates: jax.Array  # [n, n] R = g_+^{1/2} Q^T: column i is u_i in the basis V
   eigvecs: jax.Array  # [n, n] Q
+  eigvals: jax.Array  # [n] g, ascending (as eigh returns them)
   inv_sqrt_eigvals: jax.Array  # [n] g_+^{-1/2} (0 where dropped)
   retained: jax.Array  # [n] bool: eigen-directions above the rank threshold
   rank: jax.Array  # [] int32: r capped at the numerical rank
@@ -273,7 +274,8 @@ def _problem(K: jax.Array, rank: int, lam) -> _Problem:
 
   problem = _Problem(
       kept=kept, row_norms=jnp.where(kept, row_norms, 0),
-      coordinates=coordinates, eigvecs=eigvecs, inv_sqrt_eigvals=inv_sqrt_eigvals,
+      coordinates=coordinates, eigvecs=eigvecs, eigvals=eigvals,
+      inv_sqrt_eigvals=inv_sqrt_eigvals,
       retained=retained, rank=jnp.minimum(rank, jnp.sum(retained)).astype(jnp.int32),
       pairs=None, pair_sq_distances=None, pair_scale=jnp.zeros((), K.dtype))
   if _is_zero(lam):
@@ -318,6 +320,23 @@ def _subspace_basis(problem: _Problem, weights: jax.Array, pair_weights: jax.Arr
   return eigvecs[:, ::-1]
 
 
+def _flag_mean_basis(problem: _Problem) -> jax.Array:
+  """:func:`_subspace_basis` at unit row weights without pairs, with no eigensolver.
+
+  ``H(1) = R diag(kept) R^T = R R^T = diag(g_+)``: the coordinates ``R`` are already the
+  eigenbasis of ``G``, so ``H``'s eigenvectors are the unit vectors, ordered as ``g``
+  descending. ``g`` comes ascending from ``eigh`` and the order is reversed, as
+  :func:`_subspace_basis` reverses ``eigh``'s; dropped directions (``H``'s zero rows) come
+  last, where that function's shift puts them. One ``n x n`` ``eigh`` less per call.
+  """
+  n = problem.eigvals.shape[0]
+  order = jnp.arange(n)[::-1]
+  # Retained directions (descending g) first, then the dropped ones; both blocks keep the
+  # reversed eigh order (the dropped block's order is immaterial: those columns span nothing).
+  order = order[jnp.argsort(~problem.retained[order], stable=True)]
+  return jnp.eye(n, dtype=problem.coordinates.dtype)[:, order]
+
+
 def _fit(problem: _Problem, basis: jax.Array) -> _Fit:
   """Reconstruction ratios and sines of every term vector for ``Y = V basis[:, :rank]``.
 
@@ -358,6 +377,15 @@ def _unit_pair_weights(problem: _Problem):
   return problem.pairs.astype(problem.coordinates.dtype)
 
 
+def _start_basis(problem: _Problem, weights: jax.Array) -> jax.Array:
+  """The flag mean's basis: free without pairs (:func:`_flag_mean_basis`), else an ``eigh``.
+
+  ``weights`` must be the unit weights on the kept rows (the flag mean's)."""
+  if problem.pairs is None:
+    return _flag_mean_basis(problem)
+  return _subspace_basis(problem, weights, _unit_pair_weights(problem))
+
+
 def _start_weights(problem: _Problem, num_starts: int) -> jax.Array:
   """``[num_starts, n]`` row weights of the IRLS starts ``top_r S(w)``.
 
@@ -372,7 +400,7 @@ def _start_weights(problem: _Problem, num_starts: int) -> jax.Array:
   base = problem.kept.astype(dtype)
   if num_starts == 1:
     return base[None]
-  flag_mean = _subspace_basis(problem, base, _unit_pair_weights(problem))
+  flag_mean = _start_basis(problem, base)
   ratios = jnp.where(problem.kept, _fit(problem, flag_mean).values, jnp.inf)
   order = jnp.argsort(ratios, stable=True)               # worst-fit kept rows first
   boost = jnp.sum(base)
@@ -384,8 +412,10 @@ def _start_weights(problem: _Problem, num_starts: int) -> jax.Array:
   return jnp.stack(starts)
 
 
-def _irls(problem: _Problem, max_iters, tol, eps, start_weights: jax.Array) -> _IrlsState:
-  """IRLS from ``top_r S(start_weights)``, as a ``while_loop`` (jits and vmaps)."""
+def _irls(problem: _Problem, max_iters, tol, eps, start_weights: jax.Array,
+          start_basis: Optional[jax.Array] = None) -> _IrlsState:
+  """IRLS from ``top_r S(start_weights)`` (or from ``start_basis``, that start's eigenbasis
+  when the caller has it), as a ``while_loop`` (jits and vmaps)."""
   dtype = problem.coordinates.dtype
   eps = jnp.asarray(eps, dtype)
   tol = jnp.asarray(tol, dtype)
@@ -394,7 +424,9 @@ def _irls(problem: _Problem, max_iters, tol, eps, start_weights: jax.Array) -> _
     fit = _fit(problem, basis)
     return _IrlsState(basis, fit, _objective(problem, fit), num_iters, converged)
 
-  start = _subspace_basis(problem, start_weights, _unit_pair_weights(problem))
+  start = start_basis
+  if start is None:
+    start = _subspace_basis(problem, start_weights, _unit_pair_weights(problem))
   initial = state_at(start, jnp.zeros((), jnp.int32), jnp.zeros((), bool))
 
   def keep_going(state):
@@ -459,7 +491,7 @@ def flag_solve_gram(K: jax.Array, *, rank: Optional[int] = None, lam=0.0,
   problem = _problem(K, num_columns, lam)
   starts = _start_weights(problem, num_starts)
   if num_starts == 1:
-    state = _irls(problem, max_iters, tol, eps, starts[0])
+    state = _irls(problem, max_iters, tol, eps, starts[0], _start_basis(problem, starts[0]))
   else:
     # The starts run batched (one vmapped while_loop: n x n eigenproblems in a batch); the
     # least objective wins (ties: the lowest start, the flag mean first).
