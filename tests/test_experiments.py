@@ -516,6 +516,23 @@ def test_leaderboard_groups_switchable_attacks_and_each_run_is_its_own():
   assert len({round(loss, 6) for _, loss in batched}) == len(configs)
 
 
+def test_leaderboard_speedup_measures_the_first_group_both_ways(tmp_path):
+  base = train.Config(dataset="synthetic", num_workers=5, steps=3, eval_every=3, batch_size=8)
+  board = leaderboard.Board(base, ["median"], [1], [None], ["sign_flip", "min_max"], [0])
+  result = leaderboard.measure_speedup(board, str(tmp_path), log=lambda _: None)
+  assert result["attacks"] == ["sign_flip", "min_max"] and result["runs"] == 2
+  assert result["speedup"] == pytest.approx(
+      result["sweep_seconds_per_run"] / result["batched_seconds_per_run"])
+  # Both sides computed the same two runs (same keys, same accuracies).
+  batched = sweep.load_done(str(tmp_path / "speedup-batched"))
+  alone = sweep.load_done(str(tmp_path / "speedup-sweep"))
+  assert set(batched) == set(alone) and len(batched) == 2
+  for key in batched:
+    assert batched[key]["final_accuracy"] == pytest.approx(alone[key]["final_accuracy"],
+                                                           abs=1e-6)
+  assert json.loads((tmp_path / "speedup.json").read_text()) == result
+
+
 def test_leaderboard_killed_and_resumed_matches_one_at_a_time_training(tmp_path, capsys):
   out = tmp_path / "board"
   argv = BOARD + ["--out", str(out)]
