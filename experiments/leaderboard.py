@@ -7,11 +7,11 @@ attack's std over seeds), and names the attack that achieved it. ``--help`` is t
 Fast because it is a grid: all runs of one (rule, f) group share one compiled program, a
 ``jax.vmap`` over runs of a ``lax.scan`` over steps (:func:`experiments.train.scan_steps`,
 the same training as ``experiments.train``): every heterogeneity level, every seed and every
-plain gradient attack (:data:`experiments.specs.GRADIENT_ATTACKS`: a ``lax.switch`` on an
+gradient attack, plain or adaptive (:func:`switchable_attack`: a ``lax.switch`` on an
 attack index, the program called once per attack). Compiling a training program (~2 s on 2
-cores) costs ~40 runs of 200 steps, so the more runs share one, the fewer seconds per run. Attacks that
-change more than the Byzantine rows (data attacks, the adaptive attacks that run the rule,
-lossy links) keep a program of their own per (rule, f). Each finished run is written atomically as a cell of the sweep's
+cores) costs ~40 runs of 200 steps, so the more runs share one, the fewer seconds per run.
+Attacks that change more than the Byzantine rows (data attacks, lossy links) keep a program
+of their own per (rule, f). Each finished run is written atomically as a cell of the sweep's
 store (``<out>/cells/<key>.json``, the key of :func:`experiments.sweep.cell_key`, so the
 leaderboard and ``experiments.sweep`` name a run alike); a killed run restarts where it
 stopped and never loses or duplicates a run.
@@ -112,9 +112,11 @@ def _stack(trees):
 
 
 def switchable_attack(attack: str) -> bool:
-  """Whether runs under ``attack`` can share a program with other such attacks: a plain
-  gradient attack, which only replaces the Byzantine rows (same shapes for every attack)."""
-  return specs.parse_spec(attack, "attack").name in specs.GRADIENT_ATTACKS
+  """Whether runs under ``attack`` can share a program with other such attacks: a gradient
+  attack, plain or adaptive (``optimal_alie`` / ``optimal_ipm``), which only replaces the
+  Byzantine rows (same shapes for every attack)."""
+  return specs.parse_spec(attack, "attack").name in (specs.GRADIENT_ATTACKS
+                                                      + specs.ADAPTIVE_ATTACKS)
 
 
 def _switched_attack(plans: Sequence[specs.AttackPlan], index) -> Callable:
@@ -436,8 +438,8 @@ A rule whose bound on f is broken (e.g. krum needs n >= 2f + 3) shows n/a with t
 Outputs in --out: cells/<key>.json (one per run, written atomically), leaderboard.json,
 table.md, heatmap-<rule>.png (f x heterogeneity) and best-rule.png. The runs of one rule
 and f share one compiled program (vmap over runs, scan over steps): every heterogeneity
-level, seed and plain gradient attack; data attacks, the optimal (adaptive) attacks and lossy
-links get a program each. The leaderboard resumes: run the same command again after a
+level, seed and gradient attack (the optimal ones included); data attacks and lossy links
+get a program each. The leaderboard resumes: run the same command again after a
 crash or Ctrl-C and only the missing runs are computed; --fresh starts over.
 """
 

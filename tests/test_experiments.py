@@ -493,20 +493,21 @@ def test_leaderboard_worst_case_is_the_minimum_over_attacks():
 def test_leaderboard_groups_switchable_attacks_and_each_run_is_its_own():
   board = leaderboard.Board(train.Config(), ["median"], [1, 2], [None, 0.5],
                             ["alie", "label_flip", "gaussian", "optimal_ipm", "fang"], [0])
-  # Plain gradient attacks share one program per (rule, f); the others have their own.
-  assert board.attack_families() == [("alie", "gaussian", "fang"), ("label_flip",),
-                                     ("optimal_ipm",)]
+  # Gradient attacks (plain or optimal) share one program per (rule, f); the others have
+  # their own.
+  assert board.attack_families() == [("alie", "gaussian", "optimal_ipm", "fang"),
+                                     ("label_flip",)]
   groups = list(board.groups())
-  assert len(groups) == 6 and sum(len(board.runs(*g)) for g in groups) == len(board) == 20
-  # One batched program over three attacks (a random one among them) and two
+  assert len(groups) == 4 and sum(len(board.runs(*g)) for g in groups) == len(board) == 20
+  # One batched program over three attacks (a random and an adaptive one among them) and two
   # heterogeneities: each run equals experiments.train's run of its config alone.
   config = train.Config(dataset="synthetic", num_workers=5, num_byzantine=1, steps=4,
                         eval_every=4, batch_size=8, rules=("median",), seeds=(0,))
-  configs = [config.replace(attack=a, alpha=alpha) for a in ("gaussian", "alie", "fang")
-             for alpha in (None, 0.5)]
+  configs = [config.replace(attack=a, alpha=alpha)
+             for a in ("gaussian", "alie", "optimal_ipm") for alpha in (None, 0.5)]
   prepared = train.prepare(config)
   batched = leaderboard.batched_runner(configs[0], prepared, "median",
-                                       ("alie", "gaussian", "fang"))(configs)
+                                       ("alie", "gaussian", "optimal_ipm"))(configs)
   for i in (0, 3, 4):  # each attack once, both heterogeneities
     alone = train.build_runner(configs[i], prepared, "median").run(0)
     assert batched[i][0] == pytest.approx(alone["final_accuracy"], abs=1e-6), configs[i]
