@@ -90,8 +90,6 @@ class Board:
 
   def runs(self, rule: str, f: int, attacks: Sequence[str]):
     """``[(alpha, seed, key, config)]`` of one group (the config names the run's attack)."""
-    if isinstance(attacks, str):
-      attacks = (attacks,)
     out = []
     for attack in attacks:
       for alpha in self.alphas:

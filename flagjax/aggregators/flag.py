@@ -173,7 +173,6 @@ class _Problem(NamedTuple):
   row_norms: jax.Array  # [n] |x_i| (0 where not kept)
   coordinates: jax.Array  # [n, n] R = g_+^{1/2} Q^T: column i is u_i in the basis V
   eigvecs: jax.Array  # [n, n] Q
-  eigvals: jax.Array  # [n] g, ascending (as eigh returns them)
   inv_sqrt_eigvals: jax.Array  # [n] g_+^{-1/2} (0 where dropped)
   retained: jax.Array  # [n] bool: eigen-directions above the rank threshold
   rank: jax.Array  # [] int32: r capped at the numerical rank
@@ -274,8 +273,7 @@ def _problem(K: jax.Array, rank: int, lam) -> _Problem:
 
   problem = _Problem(
       kept=kept, row_norms=jnp.where(kept, row_norms, 0),
-      coordinates=coordinates, eigvecs=eigvecs, eigvals=eigvals,
-      inv_sqrt_eigvals=inv_sqrt_eigvals,
+      coordinates=coordinates, eigvecs=eigvecs, inv_sqrt_eigvals=inv_sqrt_eigvals,
       retained=retained, rank=jnp.minimum(rank, jnp.sum(retained)).astype(jnp.int32),
       pairs=None, pair_sq_distances=None, pair_scale=jnp.zeros((), K.dtype))
   if _is_zero(lam):
@@ -325,16 +323,13 @@ def _flag_mean_basis(problem: _Problem) -> jax.Array:
 
   ``H(1) = R diag(kept) R^T = R R^T = diag(g_+)``: the coordinates ``R`` are already the
   eigenbasis of ``G``, so ``H``'s eigenvectors are the unit vectors, ordered as ``g``
-  descending. ``g`` comes ascending from ``eigh`` and the order is reversed, as
-  :func:`_subspace_basis` reverses ``eigh``'s; dropped directions (``H``'s zero rows) come
-  last, where that function's shift puts them. One ``n x n`` ``eigh`` less per call.
+  descending: ``eigh``'s ascending order reversed, as :func:`_subspace_basis` reverses
+  ``eigh``'s. The retained directions (``g`` above a threshold) are the largest ``g``, so
+  they come first and the dropped ones (``H``'s zero rows) last, where that function's shift
+  puts them. One ``n x n`` ``eigh`` less per call.
   """
-  n = problem.eigvals.shape[0]
-  order = jnp.arange(n)[::-1]
-  # Retained directions (descending g) first, then the dropped ones; both blocks keep the
-  # reversed eigh order (the dropped block's order is immaterial: those columns span nothing).
-  order = order[jnp.argsort(~problem.retained[order], stable=True)]
-  return jnp.eye(n, dtype=problem.coordinates.dtype)[:, order]
+  n = problem.retained.shape[0]
+  return jnp.eye(n, dtype=problem.coordinates.dtype)[:, ::-1]
 
 
 def _fit(problem: _Problem, basis: jax.Array) -> _Fit:
