@@ -1,4 +1,4 @@
-"""The two shared cores against numpy: the Gram-space core and the sorting network.
+"""The shared cores against numpy: the Gram-space core, the sorting network, the eigenvalue.
 
 Every rule is built on these, so they are checked directly, on the shapes that take each
 code path: one small block, the chunked scan with a remainder, several tiles of workers,
@@ -16,6 +16,7 @@ from absl.testing import parameterized
 
 from flagjax.core import gram as gram_lib
 from flagjax.core import sorting
+from flagjax.core import spectral
 from tests import helpers
 
 # d values for every path of the Gram: one block, exactly two chunks, chunks plus a remainder.
@@ -125,6 +126,52 @@ class GramTest(parameterized.TestCase):
     batched = jax.vmap(gram_lib.row_norms)(np.stack([clean, x]))
     np.testing.assert_allclose(batched[0], np.linalg.norm(clean, axis=1), rtol=1e-6)
     np.testing.assert_allclose(batched[1, :2], norms[:2], rtol=1e-6)
+
+
+def _symmetric_cases(m, rng):
+  """Nasty symmetric ``[m, m]`` matrices: indefinite, low rank, zero, repeated and negative
+  eigenvalues, a duplicated row, a zero off-diagonal (already tridiagonal), huge and tiny
+  entries."""
+  a = rng.normal(size=(m, m))
+  low = rng.normal(size=(m, 2))
+  tied = low @ low.T
+  tied[-1] = tied[0]
+  tied[:, -1] = tied[:, 0]
+  tied[-1, -1] = tied[0, 0]
+  return {"indefinite": a + a.T, "low rank": low @ low.T, "zero": np.zeros((m, m)),
+          "identity": np.eye(m), "ones": np.ones((m, m)), "negative": -np.eye(m) - 1.0,
+          "duplicated row": tied, "diagonal": np.diag(rng.normal(size=m)),
+          "tridiagonal": np.diag(np.full(m, 2.0)) - np.eye(m, k=1) - np.eye(m, k=-1),
+          "huge": (a + a.T) * 1e37, "tiny": (a + a.T) * 1e-33}
+
+
+class SpectralTest(parameterized.TestCase):
+
+  @chex.variants(with_jit=True, without_jit=True)
+  @parameterized.product(m=(1, 2, 3, 8, 13), dtype=("float32", "float64"))
+  def test_largest_eigenvalue_matches_numpy(self, m, dtype):
+    # Backward stability: |computed - exact| <= c m eps max|A|, with c = 4 (numpy's float64
+    # eigvalsh as the reference; LAPACK's own float32 syevd errs by ~1-2 of these units).
+    rng = np.random.default_rng(m)
+    eps = np.finfo(dtype).eps
+    with jax.enable_x64(dtype == "float64"):
+      largest = self.variant(spectral.largest_eigenvalue)
+      for name, matrix in _symmetric_cases(m, rng).items():
+        matrix = matrix.astype(dtype)
+        got = np.asarray(largest(jnp.asarray(matrix)))
+        chex.assert_shape(got, ())
+        self.assertEqual(got.dtype, np.dtype(dtype))
+        exact = np.linalg.eigvalsh(matrix.astype(np.float64))[-1]
+        bound = 4 * m * eps * np.abs(matrix.astype(np.float64)).max()
+        self.assertLessEqual(abs(float(got) - exact), bound, f"{name}, m={m}")
+
+  def test_vmap_over_many_matrices(self):
+    rng = np.random.default_rng(5)
+    b = rng.normal(size=(300, 12, 20)).astype(np.float32)
+    matrices = b @ b.transpose(0, 2, 1)
+    got = jax.jit(jax.vmap(spectral.largest_eigenvalue))(matrices)
+    exact = np.linalg.eigvalsh(matrices.astype(np.float64))[:, -1]
+    np.testing.assert_allclose(got, exact, rtol=1e-5)
 
 
 class SortingTest(parameterized.TestCase):
