@@ -205,6 +205,42 @@ def _attack_kwargs_check(spec: Spec, fn: Callable, skip=("honest", "f", "key", "
                        f"{', '.join(accepted) or 'none'}")
 
 
+# Gradient attacks that give the same rows whether they run leaf by leaf or on the leaves laid
+# end to end (coordinate-wise, or through sums over every coordinate) and draw no random
+# numbers (gaussian, uniform and fang split their key per leaf): the experiments run them on
+# flat rows (:func:`on_flat_rows`).
+FLAT_ROW_ATTACKS = ("sign_flip", "ipm", "alie", "mimic", "nan", "inf", "scaled", "min_max",
+                    "min_sum")
+
+
+def on_flat_rows(attack: Callable) -> Callable:
+  """``attack(honest, f, key, **kwargs)`` run on one ``[h, D]`` array, the honest pytree's
+  leaves laid end to end, its ``[f, D]`` rows split back into the pytree's leaves.
+
+  The values are those of the attack on the pytree (bit for bit for the coordinate-wise
+  attacks; for ``min_max`` / ``min_sum`` up to the rounding of one sum over ``D`` in place of
+  a sum of per-leaf sums), but the traced program is smaller: the attacks unroll their loops
+  over rows once per leaf. Measured on the leaderboard's digits MLP (4 leaves), one program
+  with sign flip, IPM, ALIE, Min-Max, Min-Sum, Fang and Gaussian over 12 runs: tracing,
+  lowering and compiling took 2.1 s instead of 3.7 s, and Min-Max / Min-Sum ran 25% faster.
+  A pytree of one leaf, or of leaves of mixed dtypes, goes to the attack as it is.
+  """
+  def flat_attack(honest, f, key=None, **kwargs):
+    leaves, treedef = jax.tree.flatten(honest)
+    if len(leaves) < 2 or len({leaf.dtype for leaf in leaves}) > 1:
+      return attack(honest, f, key, **kwargs)
+    h = leaves[0].shape[0]
+    rows = attack(jnp.concatenate([leaf.reshape(h, -1) for leaf in leaves], axis=1), f, key,
+                  **kwargs)
+    parts, start = [], 0
+    for leaf in leaves:
+      size = leaf[0].size
+      parts.append(rows[:, start:start + size].reshape((rows.shape[0],) + leaf.shape[1:]))
+      start += size
+    return jax.tree.unflatten(treedef, parts)
+  return flat_attack
+
+
 def make_attack(spec: Spec, *, num_workers: int, num_byzantine: int, num_classes: int,
                 rule: Optional[Callable] = None, rule_kwargs: Optional[dict] = None
                 ) -> AttackPlan:
@@ -235,7 +271,8 @@ def make_attack(spec: Spec, *, num_workers: int, num_byzantine: int, num_classes
   kwargs = spec.kwargs
   try:
     if name in GRADIENT_ATTACKS:
-      return AttackPlan(functools.partial(fn, **kwargs), None)
+      attack = functools.partial(fn, **kwargs)
+      return AttackPlan(on_flat_rows(attack) if name in FLAT_ROW_ATTACKS else attack, None)
     if name in ADAPTIVE_ATTACKS:
       return AttackPlan(fn(rule, **kwargs, **(rule_kwargs or {})), None)
     if name == "label_flip":

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import flagjax
 from experiments import data
 from experiments import models
 from experiments import leaderboard
@@ -214,6 +215,33 @@ def test_broken_bound_is_unavailable_not_a_crash():
   with pytest.raises(specs.RuleUnavailable, match=r"bulyan needs n >= 4\*f \+ 3"):
     specs.check_rule(specs.parse_spec("bulyan", "rule"), 15, 5)
   specs.check_rule(specs.parse_spec("bulyan", "rule"), 15, 3)
+
+
+@pytest.mark.parametrize("name", specs.FLAT_ROW_ATTACKS)
+def test_attacks_on_flat_rows_give_the_pytree_attacks_rows(name):
+  # The experiments run these attacks on the leaves laid end to end: the same rows as the
+  # attack on the pytree (bit for bit where coordinate-wise), on rows with ties, a constant
+  # column, a near-zero row and huge finite values.
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(7, 30)).astype(np.float32)
+  x[1] = x[0]                 # duplicated row
+  x[:, 3] = 2.5               # constant column
+  x[4] *= 1e-30               # near-zero row
+  x[:, 20:] *= 1e30           # huge finite values (a float32 Gram of these overflows)
+  tree = {"a": x[:, :6].reshape(7, 2, 3), "b": {"c": x[:, 6:20], "d": x[:, 20:]}}
+  attack = getattr(flagjax.attacks, name)
+  expected = attack(tree, 3, jax.random.key(1))
+  got = specs.on_flat_rows(attack)(tree, 3, jax.random.key(1))
+  chex.assert_trees_all_equal_shapes_and_dtypes(got, expected)
+  if name in ("min_max", "min_sum"):   # one sum over every coordinate: rounding only
+    chex.assert_trees_all_close(got, expected, rtol=1e-5, atol=0)
+  else:
+    chex.assert_trees_all_equal(got, expected)
+  # One leaf, or leaves of mixed dtypes: the attack sees the pytree as it is.
+  mixed = {"a": x[:, :6].astype(np.float16), "b": x[:, 6:20]}
+  chex.assert_trees_all_equal(specs.on_flat_rows(attack)(mixed, 2, jax.random.key(2)),
+                              attack(mixed, 2, jax.random.key(2)))
+  assert name in specs.GRADIENT_ATTACKS
 
 
 def test_lossy_links_damage_only_the_byzantine_workers_own_updates():
