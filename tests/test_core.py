@@ -97,6 +97,29 @@ class GramTest(parameterized.TestCase):
                                rtol=1e-6)
     self.assertTrue(np.all(np.isnan(out[1])))
 
+  @parameterized.parameters(37, 2 * gram_lib.GRAM_CHUNK + 11)
+  def test_centred_gram_keeps_distances_under_an_offset_and_a_huge_row(self, d):
+    # Rows at 1000 + 0.01 noise (a common offset 1e5x their spread), a duplicated row and a
+    # Byzantine row of 1e18 (its squared norm overflows float32). The centring reference must
+    # be an honest row: then every honest distance survives; the plain Gram loses them all
+    # (|x|^2 eps ~ 2e3 at d = 32779 against distances ~7), which this test also checks.
+    rng = np.random.default_rng(d)
+    x = (1000 + 0.01 * rng.normal(size=(9, d))).astype(np.float32)
+    x[5] = x[4]
+    x[2] = 1e19
+    honest = np.array([i for i in range(9) if i != 2])
+    exact = helpers.np_sq_distances(x[honest])
+    pytree = {"a": jnp.asarray(x[:, :20]), "b": jnp.asarray(x[:, 20:])}
+    for centered, tree in ((True, jnp.asarray(x)), (True, pytree), (False, jnp.asarray(x))):
+      K = np.asarray(gram_lib.gram(tree, centered=centered))
+      D = np.asarray(gram_lib.sq_distances(jnp.asarray(K)))[np.ix_(honest, honest)]
+      self.assertFalse(np.isfinite(K[2, 2]))
+      error = np.abs(D - exact).max() / np.abs(exact).max()
+      if centered:
+        self.assertLess(error, 1e-3)
+      elif d > 1000:
+        self.assertGreater(error, 1e-1)
+
   def test_sharded_gram_is_the_psum_of_shard_grams(self):
     x = helpers.random_rows(8, 6, 8 * 40)
     mesh = helpers.coordinate_mesh()
