@@ -6,6 +6,7 @@ FLTrust's formula), plus bounds, NaN/Inf rows, permutations, pytrees, jit/vmap, 
 robustness property.
 """
 
+import importlib
 import itertools
 import types
 
@@ -19,7 +20,10 @@ from sklearn import cluster as sk_cluster
 
 from flagjax import aggregators
 from flagjax.core import clustering
+from flagjax.core import gram as gram_lib
 from flagjax.core import sampling
+from flagjax.core import spectral
+from flagjax.core import subsets
 from tests import helpers
 
 
@@ -141,6 +145,89 @@ class SpectralFilterTest(parameterized.TestCase):
       big[5] = 1e30
       out = np.asarray(rule(big, 2))
       self.assertTrue(np.isfinite(out).all() and np.abs(out).max() < 100, rule.__name__)
+
+  def test_smea_bound_pruned_search_picks_the_exhaustive_searchs_subset(self):
+    # SMEA scores subsets in order of a lower bound and stops early; the exhaustive search
+    # (every subset's eigenvalue, first minimum) must pick the same subset on every input:
+    # low-rank structure (where the bound prunes), i.i.d. rows (where it prunes nothing),
+    # ties, far outliers, n > d, non-finite rows, float64.
+    smea_module = importlib.import_module("flagjax.aggregators.smea")
+    rng = np.random.default_rng(11)
+
+    def structured(n, d, f, spread=1.0):
+      basis = rng.normal(size=(2, d))
+      x = rng.normal(size=(n, 2)) @ basis * 3 + spread * rng.normal(size=(n, d)) + 1.0
+      x[n - f:] += rng.normal(size=(f, d)) * 2
+      return x
+    cases = [(structured(12, 300, 4), 4), (structured(12, 300, 3), 3),
+             (structured(12, 40, 4, spread=0.01), 4), (helpers.random_rows(1, 12, 500), 4),
+             (helpers.tied_rows(2, 12, 6), 3), (spread_rows(3, 12, 30, 4, distance=1e4), 4),
+             (helpers.random_rows(4, 12, 3), 4),
+             (helpers.poison(structured(12, 50, 4), rows=[2, 9]), 4)]
+    def both(K, f):
+      n = K.shape[0]
+      clean, finite = gram_lib.clean_gram(K)
+      uniform = jnp.full((n - f,), 1.0 / (n - f), clean.dtype)
+
+      def score(removed, kept):
+        kept = kept.astype(jnp.int32)
+        value = spectral.top_eigenvalue(clean[kept][:, kept], uniform)
+        return jnp.where(jnp.all(finite[kept]), value, jnp.inf)
+      return (subsets.best_subset(score, n, f, elements_per_subset=1),
+              smea_module.smea_coefficients(K, f) > 0)
+    both = jax.jit(both, static_argnums=1)
+    # The bound itself: below every subset's exact (float64, d-space) top eigenvalue, and
+    # close to it where the rows have structure (which is what makes the pruning pay).
+    for index, (x, f) in enumerate(cases[:7]):
+      n = x.shape[0]
+      K = gram_lib.gram(jnp.asarray(np.asarray(x, np.float32)), centered=True)
+      clean, finite = gram_lib.clean_gram(K)
+      bounds = np.asarray(smea_module._eigenvalue_bounds(clean, finite, n, f), np.float64)
+      exact = []
+      for kept in subsets.kept_sets(n, f):
+        rows = np.asarray(x, np.float64)[kept]
+        centred = rows - rows.mean(0)
+        exact.append(np.linalg.eigvalsh(centred @ centred.T / len(kept))[-1])
+      exact = np.array(exact)
+      self.assertTrue(np.all(bounds <= exact), f"case {index}: {np.max(bounds / exact)}")
+      if index < 3:
+        self.assertGreater(np.median(bounds / exact), 0.8, f"case {index}")
+    for dtype, chosen in ((np.float32, cases), (np.float64, cases[:1] + cases[5:6])):
+      with jax.enable_x64(dtype == np.float64):
+        for x, f in chosen:
+          x = np.asarray(x, dtype)
+          exhaustive, got = both(gram_lib.gram(jnp.asarray(x), centered=True), f)
+          np.testing.assert_array_equal(np.asarray(got), np.asarray(exhaustive),
+                                        err_msg=f"{dtype.__name__} n={x.shape[0]}, f={f}")
+
+  def test_bound_pruned_search_with_ties_and_nan_scores(self):
+    # Integer scores with many ties and some NaN (never chosen), bounds anywhere below them:
+    # the first minimum in kept-set order, as the exhaustive search finds it.
+    n, f = 10, 3
+    count = len(subsets.kept_sets(n, f))
+    rng = np.random.default_rng(0)
+    for trial in range(5):
+      values = rng.integers(3, 9, size=count).astype(np.float32)
+      values[rng.random(count) < 0.1] = np.nan
+      bounds = values - rng.random(count).astype(np.float32) * 4 * (trial % 2)
+      bounds[rng.random(count) < 0.05] = np.nan       # unknown bound: scored first
+      table = jnp.asarray(values)
+      index_of = {tuple(k): i for i, k in enumerate(subsets.kept_sets(n, f).tolist())}
+      lookup = jnp.asarray(np.array([index_of[tuple(k)] for k in subsets.kept_sets(n, f).tolist()]))
+
+      def score(removed, kept):
+        del removed
+        # The subset's position in kept-set order, from its kept rows (a bitmask).
+        mask = jnp.sum(jnp.left_shift(1, kept.astype(jnp.int32)))
+        masks = jnp.asarray(np.array([sum(1 << int(i) for i in k)
+                                      for k in subsets.kept_sets(n, f)]))
+        return table[lookup[jnp.argmax(masks == mask)]]
+      expected = np.asarray(subsets.best_subset(score, n, f, elements_per_subset=1))
+      got = np.asarray(subsets.best_subset_by_bound(score, jnp.asarray(bounds), 0.0, n, f,
+                                                    elements_per_subset=1))
+      np.testing.assert_array_equal(got, expected)
+      first = np.nanargmin(np.where(np.isnan(values), np.inf, values))
+      np.testing.assert_array_equal(np.flatnonzero(got), subsets.kept_sets(n, f)[first])
 
   def test_bounds_permutations_pytrees_vmap_and_shards(self):
     for rule in (rules.caf, rules.smea):

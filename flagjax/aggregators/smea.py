@@ -3,7 +3,8 @@ r"""SMEA, Smallest Maximum Eigenvalue Averaging (Allouah et al., ICML 2023).
 The mean of the ``n - f`` rows whose empirical covariance has the least top eigenvalue: an
 exact search over all ``C(n, f)`` subsets (:mod:`flagjax.core.subsets`, shared with MDA and
 its limit), each subset's eigenvalue from its ``(n - f) x (n - f)`` centred Gram
-(:mod:`flagjax.core.spectral`).
+(:mod:`flagjax.core.spectral`), subsets scored in order of a lower bound and left unscored
+once the bound rules them out.
 """
 
 from __future__ import annotations
@@ -57,9 +58,49 @@ def smea_coefficients(K: jax.Array, f: int) -> jax.Array:
     value = spectral.top_eigenvalue(K[kept][:, kept], uniform)
     return jnp.where(jnp.all(finite[kept]), value, jnp.inf)
 
-  best = subsets.best_subset(eigenvalue, n, f, elements_per_subset=3 * size * size)
+  best = subsets.best_subset_by_bound(eigenvalue, _eigenvalue_bounds(K, finite, n, f), 0.0, n, f,
+                                      elements_per_subset=3 * size * size)
   coefficients = best.astype(dtype) / size
   return jnp.where(jnp.sum(~finite) > f, jnp.nan, coefficients)
+
+
+def _eigenvalue_bounds(K: jax.Array, finite: jax.Array, n: int, f: int) -> jax.Array:
+  r"""A lower bound of every subset's top eigenvalue, from two directions shared by all.
+
+  The directions are the top two principal axes of all finite rows, :math:`v_k = Z^\top a_k`
+  (``a_k`` the top eigenvectors of their centred Gram ``G``, one ``n x n`` ``eigh``); every
+  row's projections :math:`q_{ik} = (Ga_k)_i` need no pass over ``x``. For a subset ``S``,
+  the covariance of its projections on the plane of :math:`v_1, v_2`, whitened by
+  :math:`|v_k|^2 = a_k^\top G a_k`, is the restriction of :math:`\Sigma_S` to that plane,
+  so its larger eigenvalue (closed form, ``2 x 2``) is at most :math:`\lambda_{\max}
+  (\Sigma_S)` (Cauchy interlacing). A second axis with :math:`|v_2|^2 < 10^{-2} |v_1|^2` is
+  dropped (its rounding would be amplified). The bound is then lowered by ``1e5 eps``
+  relative and ``64 n eps max_i K_ii`` absolute, more than the rounding of either side, so a
+  subset whose bound exceeds the best score truly scores more. Subsets holding a non-finite
+  row get ``+inf`` (their score is ``+inf``). On real gradients (digits MLP, 15 workers under
+  ALIE, sign flip, Min-Max, IPM and Gaussian attacks, f = 3-7) the unlowered bound is 0.94-0.98
+  of the top eigenvalue (median over subsets) and 0-3.5% of the subsets bound below the best.
+  """
+  dtype = K.dtype
+  eps = jnp.finfo(dtype).eps
+  count = jnp.maximum(jnp.sum(finite), 1)
+  weights = jnp.where(finite, 1.0 / count, 0.0).astype(dtype)
+  both = finite[:, None] & finite[None, :]
+  G = jnp.where(both, spectral.centered_gram(K, weights), 0)
+  axes = jnp.linalg.eigh(G)[1][:, -2:]                       # [n, 2], ascending
+  q = G @ axes                                               # projections, unwhitened
+  lengths = jnp.maximum(jnp.einsum("ik,ij,jk->k", axes, G, axes), 0)   # |v_k|^2
+  usable = lengths >= 1e-2 * lengths[1]
+  q = jnp.where(usable, q / jnp.sqrt(jnp.where(usable, lengths, 1)), 0)
+  kept = jnp.asarray(subsets.kept_sets(n, f)).astype(jnp.int32)
+  p = q[kept]                                                # [subsets, n - f, 2]
+  p = p - jnp.mean(p, axis=1, keepdims=True)
+  a, b, c = (jnp.mean(p[..., 0] ** 2, axis=1), jnp.mean(p[..., 0] * p[..., 1], axis=1),
+             jnp.mean(p[..., 1] ** 2, axis=1))
+  bound = 0.5 * (a + c) + jnp.sqrt(0.25 * (a - c) ** 2 + b ** 2)
+  scale = jnp.max(jnp.where(finite, jnp.diagonal(K), 0))
+  bound = bound * (1 - 1e5 * eps) - 64 * n * eps * scale
+  return jnp.where(jnp.all(finite[kept], axis=1), bound, jnp.inf)
 
 
 def smea(x, f: int, *, axis_name=None):
@@ -70,8 +111,15 @@ def smea(x, f: int, *, axis_name=None):
   ``(n - f) x (n - f)`` symmetric eigenvalue problem on the subset's centred Gram, so the
   answer is exact and deterministic (ByzFL 0.0.11 estimates each eigenvalue with one power
   step from a random vector: a noisy score, a subset that changes from call to call). Costs
-  one pass for ``K``, ``C(n, f)`` small ``eigvalsh``, one pass to combine. Needs ``n > 2f``
-  and refuses searches over more than ``C(n, f) = 100000`` subsets, like
+  one pass for ``K``, at most ``C(n, f)`` small eigenvalue problems, one pass to combine.
+  The subsets are scored in order of a lower bound on their eigenvalue (the spread of their
+  projections on the two principal axes of all rows, :func:`_eigenvalue_bounds`) and the
+  search stops when no bound is below the best score
+  (:func:`flagjax.core.subsets.best_subset_by_bound`): the exhaustive search's answer, after
+  scoring ~1/8 of the subsets on real gradients (digits MLP, 15 workers, f = 7: 6,435
+  subsets; 12 vmapped runs of 200 steps 22 s -> 14 s, same subsets chosen), and all of them
+  on i.i.d. rows, whose subsets' eigenvalues lie within a percent. Needs ``n > 2f`` and
+  refuses searches over more than ``C(n, f) = 100000`` subsets, like
   :func:`flagjax.aggregators.mda`.
 
   Args:

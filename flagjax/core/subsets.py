@@ -6,6 +6,9 @@ Each subset is given by the ``f`` rows it removes and by the ``n - f`` it keeps;
 are built once per ``(n, f)`` in numpy, listed so that index order is the lexicographic order
 of the kept sets, and the score is evaluated in chunks (``jax.lax.map`` with a batch size) so
 memory stays bounded. The first minimum wins: ties go to the lowest lexicographic kept set.
+Where a cheap lower bound of every subset's score is known, :func:`best_subset_by_bound`
+scores the subsets in order of their bounds and stops once no bound is left below the best
+score: the same answer, after scoring only the subsets that could win.
 
 One stated limit for every such rule: ``C(n, f) <= MAX_SUBSETS`` (100000), refused beyond with
 ``<rule> needs C(n, f) <= 100000 subsets, got n=.., f=..``.
@@ -27,6 +30,7 @@ from flagjax.core import checks
 __all__ = [
     "MAX_SUBSETS",
     "best_subset",
+    "best_subset_by_bound",
     "check_subset_search",
     "kept_sets",
     "removed_sets",
@@ -94,4 +98,75 @@ def best_subset(score: Callable[[jax.Array, jax.Array], jax.Array], n: int, f: i
   scores = jax.lax.map(lambda pair: score(*pair), (removed, kept), batch_size=batch)
   scores = jnp.where(jnp.isnan(scores), jnp.inf, scores)
   best = kept[jnp.argmin(scores)]
+  return jnp.zeros((n,), bool).at[best.astype(jnp.int32)].set(True)
+
+
+def best_subset_by_bound(score: Callable[[jax.Array, jax.Array], jax.Array],
+                         lower_bounds: jax.Array, slack: jax.Array, n: int, f: int, *,
+                         elements_per_subset: int) -> jax.Array:
+  r""":func:`best_subset`'s answer, scoring only the subsets whose bound does not rule them out.
+
+  ``lower_bounds[s]`` must satisfy :math:`\mathrm{bound}_s \le \mathrm{score}_s +
+  \text{slack}` for every subset ``s`` (in :func:`kept_sets` order; the slack absorbs the
+  rounding of the two computations). The subsets are scored in chunks, in increasing order
+  of their bounds (a ``lax.while_loop``), and the search stops when the next bound exceeds
+  the best score so far by more than ``slack``: every subset left then scores strictly more
+  than the best, so the minimum, ties to the lowest lexicographic kept set included, is the
+  one :func:`best_subset` finds. A NaN bound is scored first; NaN scores count as ``+inf``.
+
+  The first chunk holds ``max(64, C(n, f) / 8)`` subsets, and is often all that is scored
+  when the bounds are tight; the rest, scored only when a bound leaves room (i.i.d.
+  high-dimensional rows, whose subsets' scores all lie within a percent), go in chunks as
+  large as memory allows (temporaries of at most ``2**20`` elements, like
+  :func:`best_subset`).
+
+  Args:
+    score: as in :func:`best_subset`.
+    lower_bounds: ``[C(n, f)]``.
+    slack: scalar ``>= 0``.
+    n, f: as in :func:`best_subset`.
+    elements_per_subset: as in :func:`best_subset` (bounds a chunk's memory).
+
+  Returns:
+    ``[n]`` bool, True on the rows of :math:`S^\star`.
+  """
+  removed = jnp.asarray(removed_sets(n, f))
+  kept = jnp.asarray(kept_sets(n, f))
+  num_subsets = removed.shape[0]
+  cap = max(1, _CHUNK_ELEMENTS // max(1, elements_per_subset))
+  first_size = max(1, min(max(64, -(-num_subsets // 8)), num_subsets, cap))
+  rest = num_subsets - first_size
+  pieces = max(1, -(-rest // cap))
+  size = max(1, -(-rest // pieces))     # balanced: as large as memory allows, little padding
+  padded = first_size + -(-rest // size) * size
+  bounds = jnp.where(jnp.isnan(lower_bounds), -jnp.inf, lower_bounds)
+  order = jnp.argsort(bounds, stable=True).astype(jnp.int32)
+  sorted_bounds = jnp.concatenate([bounds[order], jnp.full((padded - num_subsets + 1,),
+                                                           jnp.inf, bounds.dtype)])
+  order = jnp.concatenate([order, jnp.zeros((padded - num_subsets,), jnp.int32)])
+  valid = jnp.arange(padded) < num_subsets
+  dtype = jnp.result_type(lower_bounds.dtype, jnp.float32)
+  no_index = jnp.int32(num_subsets)
+
+  def score_chunk(state, chunk_size):
+    start, best_score, best_index = state
+    index = jax.lax.dynamic_slice_in_dim(order, start, chunk_size)
+    scores = jax.vmap(score)(removed[index], kept[index]).astype(dtype)
+    usable = jax.lax.dynamic_slice_in_dim(valid, start, chunk_size)
+    scores = jnp.where(usable & ~jnp.isnan(scores), scores, jnp.inf)
+    least = jnp.min(scores)
+    least_index = jnp.min(jnp.where(usable & (scores == least), index, no_index))
+    better = (least < best_score) | ((least == best_score) & (least_index < best_index))
+    return (start + chunk_size, jnp.where(better, least, best_score),
+            jnp.where(better, least_index, best_index))
+
+  def more(state):
+    start, best_score, _ = state
+    return (start < padded) & (sorted_bounds[start] <= best_score + slack)
+
+  # The first chunk always; the rest only while a bound leaves room (under vmap: while any
+  # member's does), in chunks as large as memory allows.
+  state = score_chunk((jnp.int32(0), jnp.asarray(jnp.inf, dtype), no_index), first_size)
+  _, _, best_index = jax.lax.while_loop(more, lambda st: score_chunk(st, size), state)
+  best = kept[jnp.minimum(best_index, num_subsets - 1)]
   return jnp.zeros((n,), bool).at[best.astype(jnp.int32)].set(True)
