@@ -150,7 +150,7 @@ class SpectralFilterTest(parameterized.TestCase):
     # SMEA scores subsets in order of a lower bound and stops early; the exhaustive search
     # (every subset's eigenvalue, first minimum) must pick the same subset on every input:
     # low-rank structure (where the bound prunes), i.i.d. rows (where it prunes nothing),
-    # ties, far outliers, n > d, non-finite rows, float64.
+    # ties, far outliers, n > d, non-finite rows, rows whose centred Gram overflows, float64.
     smea_module = importlib.import_module("flagjax.aggregators.smea")
     rng = np.random.default_rng(11)
 
@@ -163,7 +163,8 @@ class SpectralFilterTest(parameterized.TestCase):
              (structured(12, 40, 4, spread=0.01), 4), (helpers.random_rows(1, 12, 500), 4),
              (helpers.tied_rows(2, 12, 6), 3), (spread_rows(3, 12, 30, 4, distance=1e4), 4),
              (helpers.random_rows(4, 12, 3), 4),
-             (helpers.poison(structured(12, 50, 4), rows=[2, 9]), 4)]
+             (helpers.poison(structured(12, 50, 4), rows=[2, 9]), 4),
+             (helpers.random_rows(5, 12, 3) * 6e18, 4)]      # the centred Gram overflows
     def both(K, f):
       n = K.shape[0]
       clean, finite = gram_lib.clean_gram(K)
