@@ -136,7 +136,7 @@ def smea(x, f: int, *, axis_name=None):
   search stops when no bound is below the best score
   (:func:`flagjax.core.subsets.best_subset_by_bound`): the exhaustive search's answer, after
   scoring ~1/8 of the subsets on real gradients (digits MLP, 15 workers, f = 7: 6,435
-  subsets; the leaderboard's f = 7 runs under every default attack took 72 s instead of
+  subsets; the leaderboard's f = 7 runs under every default attack took 65 s instead of
   106 s, every run identical), and all of them on i.i.d. rows, whose subsets' eigenvalues
   lie within a percent, or where a diverged run's gradients overflow. Needs ``n > 2f`` and
   refuses searches over more than ``C(n, f) = 100000`` subsets, like
