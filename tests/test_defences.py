@@ -224,7 +224,7 @@ class SpectralFilterTest(parameterized.TestCase):
                                       for k in subsets.kept_sets(n, f)]))
         return table[lookup[jnp.argmax(masks == mask)]]
       expected = np.asarray(subsets.best_subset(score, n, f, elements_per_subset=1))
-      got = np.asarray(subsets.best_subset_by_bound(score, jnp.asarray(bounds), 0.0, n, f,
+      got = np.asarray(subsets.best_subset_by_bound(score, jnp.asarray(bounds), n, f,
                                                     elements_per_subset=1))
       np.testing.assert_array_equal(got, expected)
       first = np.nanargmin(np.where(np.isnan(values), np.inf, values))

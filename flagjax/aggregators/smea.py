@@ -58,7 +58,7 @@ def smea_coefficients(K: jax.Array, f: int) -> jax.Array:
     value = spectral.top_eigenvalue(K[kept][:, kept], uniform)
     return jnp.where(jnp.all(finite[kept]), value, jnp.inf)
 
-  best = subsets.best_subset_by_bound(eigenvalue, _eigenvalue_bounds(K, finite, n, f), 0.0, n, f,
+  best = subsets.best_subset_by_bound(eigenvalue, _eigenvalue_bounds(K, finite, n, f), n, f,
                                       elements_per_subset=3 * size * size)
   coefficients = best.astype(dtype) / size
   return jnp.where(jnp.sum(~finite) > f, jnp.nan, coefficients)
@@ -66,6 +66,9 @@ def smea_coefficients(K: jax.Array, f: int) -> jax.Array:
 
 def _eigenvalue_bounds(K: jax.Array, finite: jax.Array, n: int, f: int) -> jax.Array:
   r"""A lower bound of every subset's top eigenvalue, from two directions shared by all.
+
+  ``K, finite`` as :func:`flagjax.core.gram.clean_gram` returns them (the non-finite rows'
+  entries zeroed).
 
   The directions are the top two principal axes of all finite rows, :math:`v_k = Z^\top a_k`
   (``a_k`` the top eigenvectors of their centred Gram ``G``, one ``n x n`` ``eigh``); every
@@ -91,9 +94,9 @@ def _eigenvalue_bounds(K: jax.Array, finite: jax.Array, n: int, f: int) -> jax.A
   both = finite[:, None] & finite[None, :]
   # In units of a power of two at K's largest entry (exact), so that the centred Gram of rows
   # near the float maximum (a diverged run's gradients) does not overflow.
-  _, exponent = jnp.frexp(jnp.max(jnp.where(both, jnp.abs(K), 0)))
+  _, exponent = jnp.frexp(jnp.max(jnp.abs(K)))
   unit = jnp.ldexp(jnp.ones((), dtype), exponent)
-  K = jnp.where(both, K, 0) / unit
+  K = K / unit
   G = jnp.where(both, spectral.centered_gram(K, weights), 0)
   axes = jnp.linalg.eigh(G)[1][:, -2:]                       # [n, 2], ascending
   q = G @ axes                                               # projections, unwhitened
@@ -110,14 +113,13 @@ def _eigenvalue_bounds(K: jax.Array, finite: jax.Array, n: int, f: int) -> jax.A
   # (relative to |v_k|), i.e. ~n eps sqrt(bound max|G|) on the bound; the subset's own
   # eigenvalue ~n eps max_{i in S} K_ii.
   spread = jnp.max(jnp.abs(G))
-  diagonal = jnp.where(finite, jnp.diagonal(K), 0)
-  subset_scale = jnp.max(diagonal[kept], axis=1)
+  subset_scale = jnp.max(jnp.diagonal(K)[kept], axis=1)
   bound = (bound - 1e5 * eps * jnp.abs(bound)
            - 8 * n * eps * jnp.sqrt(jnp.maximum(bound, 0) * spread) - 4 * n * eps * subset_scale)
   bound = bound * unit
   # Where anything still overflowed, nothing is pruned: every subset of finite rows gets -inf
   # and is scored.
-  trusted = jnp.all(jnp.isfinite(G)) & jnp.all(jnp.isfinite(q)) & jnp.isfinite(spread)
+  trusted = jnp.all(jnp.isfinite(G)) & jnp.all(jnp.isfinite(q))
   bound = jnp.where(trusted & jnp.isfinite(bound), bound, -jnp.inf)
   return jnp.where(jnp.all(finite[kept], axis=1), bound, jnp.inf)
 

@@ -130,8 +130,9 @@ def _leaf_gram(leaf: jax.Array, extra: Optional[jax.Array], dtype, centered: boo
   if extra is not None:
     extra = extra.reshape(1, -1)
   size = rows.shape[1]
+  reference_row = median_norm_row(rows.astype(dtype)) if centered else None
 
-  def chunk_gram(start, length, reference_row=None, product=_block_gram):
+  def chunk_gram(start, length, product=_block_gram):
     block = jax.lax.dynamic_slice_in_dim(rows, start, length, axis=1).astype(dtype)
     parts = [block]
     if extra is not None:
@@ -150,18 +151,15 @@ def _leaf_gram(leaf: jax.Array, extra: Optional[jax.Array], dtype, centered: boo
   if num_chunks < 2:
     # One small block (under 2 chunks, ~1 MiB at n=16) is already in cache: there the plain
     # product skips the transpose copy and is ~1.5-2x faster (n=16, d=4810: 73 us vs 166 us).
-    reference_row = median_norm_row(rows.astype(dtype)) if centered else None
-    return chunk_gram(0, size, reference_row, lambda block: jnp.matmul(
+    return chunk_gram(0, size, lambda block: jnp.matmul(
         block, block.T, precision=jax.lax.Precision.HIGHEST))
-  reference_row = median_norm_row(rows.astype(dtype)) if centered else None
-  chunk_at = lambda start, length: chunk_gram(start, length, reference_row)
   # The first chunk's Gram starts the sum (not zeros): it has the rows' type, which inside
   # shard_map is "varying" over the mesh axis, as the scan carry must be.
-  total, _ = jax.lax.scan(lambda acc, i: (acc + chunk_at(i * GRAM_CHUNK, GRAM_CHUNK), None),
-                          chunk_at(0, GRAM_CHUNK), jnp.arange(1, num_chunks))
+  total, _ = jax.lax.scan(lambda acc, i: (acc + chunk_gram(i * GRAM_CHUNK, GRAM_CHUNK), None),
+                          chunk_gram(0, GRAM_CHUNK), jnp.arange(1, num_chunks))
   start = num_chunks * GRAM_CHUNK
   if start < size:
-    total = total + chunk_at(start, size - start)
+    total = total + chunk_gram(start, size - start)
   return total
 
 

@@ -97,20 +97,24 @@ def best_subset(score: Callable[[jax.Array, jax.Array], jax.Array], n: int, f: i
   batch = max(1, min(num_subsets, _CHUNK_ELEMENTS // max(1, elements_per_subset)))
   scores = jax.lax.map(lambda pair: score(*pair), (removed, kept), batch_size=batch)
   scores = jnp.where(jnp.isnan(scores), jnp.inf, scores)
-  best = kept[jnp.argmin(scores)]
-  return jnp.zeros((n,), bool).at[best.astype(jnp.int32)].set(True)
+  return _row_mask(n, kept[jnp.argmin(scores)])
+
+
+def _row_mask(n: int, rows: jax.Array) -> jax.Array:
+  """``[n]`` bool, True on ``rows`` (one kept set)."""
+  return jnp.zeros((n,), bool).at[rows.astype(jnp.int32)].set(True)
 
 
 def best_subset_by_bound(score: Callable[[jax.Array, jax.Array], jax.Array],
-                         lower_bounds: jax.Array, slack: jax.Array, n: int, f: int, *,
+                         lower_bounds: jax.Array, n: int, f: int, *,
                          elements_per_subset: int) -> jax.Array:
   r""":func:`best_subset`'s answer, scoring only the subsets whose bound does not rule them out.
 
-  ``lower_bounds[s]`` must satisfy :math:`\mathrm{bound}_s \le \mathrm{score}_s +
-  \text{slack}` for every subset ``s`` (in :func:`kept_sets` order; the slack absorbs the
-  rounding of the two computations). The subsets are scored in chunks, in increasing order
-  of their bounds (a ``lax.while_loop``), and the search stops when the next bound exceeds
-  the best score so far by more than ``slack``: every subset left then scores strictly more
+  ``lower_bounds[s]`` must satisfy :math:`\mathrm{bound}_s \le \mathrm{score}_s` for every
+  subset ``s`` (in :func:`kept_sets` order; the caller lowers its bounds by the rounding of
+  the two computations). The subsets are scored in chunks, in increasing order of their
+  bounds (a ``lax.while_loop``), and the search stops when the next bound exceeds the best
+  score so far: every subset left then scores strictly more
   than the best, so the minimum, ties to the lowest lexicographic kept set included, is the
   one :func:`best_subset` finds. A NaN bound is scored first; NaN scores count as ``+inf``.
 
@@ -123,7 +127,6 @@ def best_subset_by_bound(score: Callable[[jax.Array, jax.Array], jax.Array],
   Args:
     score: as in :func:`best_subset`.
     lower_bounds: ``[C(n, f)]``.
-    slack: scalar ``>= 0``.
     n, f: as in :func:`best_subset`.
     elements_per_subset: as in :func:`best_subset` (bounds a chunk's memory).
 
@@ -162,11 +165,10 @@ def best_subset_by_bound(score: Callable[[jax.Array, jax.Array], jax.Array],
 
   def more(state):
     start, best_score, _ = state
-    return (start < padded) & (sorted_bounds[start] <= best_score + slack)
+    return (start < padded) & (sorted_bounds[start] <= best_score)
 
   # The first chunk always; the rest only while a bound leaves room (under vmap: while any
   # member's does), in chunks as large as memory allows.
   state = score_chunk((jnp.int32(0), jnp.asarray(jnp.inf, dtype), no_index), first_size)
   _, _, best_index = jax.lax.while_loop(more, lambda st: score_chunk(st, size), state)
-  best = kept[jnp.minimum(best_index, num_subsets - 1)]
-  return jnp.zeros((n,), bool).at[best.astype(jnp.int32)].set(True)
+  return _row_mask(n, kept[jnp.minimum(best_index, num_subsets - 1)])
