@@ -454,6 +454,38 @@ class ClippedClusteringTest(parameterized.TestCase):
           jnp.asarray(distances, jnp.float32), jnp.ones(n, bool))
       np.testing.assert_array_equal(got, larger, err_msg=f"n={n}")
 
+  def test_core_matches_a_numpy_loop_with_ties_and_inactive_rows(self):
+    # The oracle merges the least pair i < j of alive groups (ties: lowest i, then lowest j)
+    # with the Lance-Williams average (times the reciprocal of the merged size, as the code
+    # writes it), as the docstring states; the inputs are small-integer
+    # distances (many exact ties), duplicated points and inactive rows, at sizes up to 90.
+    def np_larger_group(distances, active):
+      n = len(distances)
+      linkage = distances.astype(np.float64).copy()
+      sizes = active.astype(np.float64)
+      alive, label = active.copy(), np.arange(n)
+      while alive.sum() > 2:
+        pairs = [(linkage[i, j], i, j) for i in range(n) for j in range(i + 1, n)
+                 if alive[i] and alive[j]]
+        _, i, j = min(pairs)
+        row = (sizes[i] * linkage[i] + sizes[j] * linkage[j]) * (1 / (sizes[i] + sizes[j]))
+        linkage[i, :], linkage[:, i] = row, row
+        sizes[i], sizes[j], alive[j] = sizes[i] + sizes[j], 0, False
+        label[label == j] = i
+      winner = np.argmax(np.where(alive, sizes, -1))
+      return active & (label == winner)
+
+    rng = np.random.default_rng(11)
+    for n in (1, 2, 3, 6, 17, 40, 90):
+      points = rng.integers(0, 4, size=(n, 2))
+      points[n // 2:n // 2 + 2] = points[0]
+      distances = np.abs(points[:, None] - points[None]).sum(-1).astype(np.float64)
+      active = rng.random(n) > 0.15
+      with jax.enable_x64(True):
+        got = jax.jit(clustering.largest_agglomerative_group)(jnp.asarray(distances),
+                                                              jnp.asarray(active))
+      np.testing.assert_array_equal(got, np_larger_group(distances, active), err_msg=f"n={n}")
+
   def test_nonfinite_zero_rows_pytrees_and_shards(self):
     x = spread_rows(9, 10, 16, 3, distance=2.0).astype(np.float32)
     expected = np.asarray(rules.clipped_clustering(x))

@@ -145,6 +145,24 @@ class KrumTest(chex.TestCase):
     self.assertEqual(mask.dtype, jnp.bool_)
     np.testing.assert_array_equal(np.flatnonzero(mask), np_bulyan_indices(flat, f))
 
+  @parameterized.parameters((17, 3), (24, 5), (41, 9))
+  def test_bulyan_selection_sorting_once_against_numpy(self, n, f):
+    # Above BULYAN_SORT_ONCE_ABOVE workers the distances are sorted once: ties (integer rows,
+    # a duplicated row), a NaN row and a far row must select as the oracle does.
+    self.assertGreater(n, krum_lib.BULYAN_SORT_ONCE_ABOVE)
+    rng = np.random.default_rng(n)
+    x = rng.integers(-2, 3, size=(n, 4)).astype(np.float32)
+    x[3] = x[2]
+    x[5, 1] = np.nan
+    x[7] = 1e3
+    mask = krum_lib.bulyan_selection(gram_lib.gram(x), f)
+    np.testing.assert_array_equal(np.flatnonzero(mask), np_bulyan_indices(np_flat(x), f))
+    # The whole rule on untied values (the second stage's ties in |x - median| between
+    # different values have no stated order).
+    x = x + rng.normal(scale=0.1, size=x.shape).astype(np.float32)
+    out = jax.jit(aggregators.bulyan, static_argnums=1)(x, f)
+    chex.assert_trees_all_close(out, np_bulyan(x, f).astype(np.float32), rtol=1e-5, atol=1e-6)
+
   def test_krum_scores_with_active_mask(self):
     n = 9
     x = helpers.random_rows(4, n, 5)

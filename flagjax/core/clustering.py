@@ -122,28 +122,39 @@ def largest_agglomerative_group(distances: jax.Array, active: jax.Array) -> jax.
     ``[n]`` bool, the members of the larger group.
   """
   n = distances.shape[0]
+  if n < 2:
+    return active
   index = jnp.arange(n)
-  pair_ok = active[:, None] & active[None, :] & (index[:, None] < index[None, :])
+  never = jnp.full((n,), jnp.inf, distances.dtype)
 
   def merge(_, carry):
-    linkage, sizes, alive, label = carry
-    groups = jnp.sum(alive)
-    valid = alive[:, None] & alive[None, :] & (index[:, None] < index[None, :])
-    flat = jnp.argmin(jnp.where(valid, linkage, jnp.inf).ravel())
-    i, j = flat // n, flat % n
+    # linkage: symmetric, +inf on the diagonal and wherever a group is inactive or merged
+    # away, so the least entry in row-major order is the least pair i < j (ties: lowest i,
+    # then lowest j) with no mask to rebuild; each merge rewrites two rows and columns only.
+    linkage, sizes, groups, label = carry
+    # The first row holding the least entry, then its first column: row-major order, but a
+    # plain row-wise minimum instead of an index-carrying reduction over all n^2 entries.
+    i = jnp.argmin(jnp.min(linkage, axis=1))
+    j = jnp.argmin(linkage[i])
     go = groups > 2
     si, sj = sizes[i], sizes[j]
-    row = (si * linkage[i] + sj * linkage[j]) / (si + sj)
-    merged = linkage.at[i, :].set(row).at[:, i].set(row)
-    linkage = jnp.where(go, merged, linkage)
+    # Times the reciprocal, written out: XLA rewrites a division by a scalar that way, and
+    # ties between merged linkages depend on that rounding.
+    row = (si * linkage[i] + sj * linkage[j]) * (1 / jnp.where(go, si + sj, 1))
+    row = jnp.where((index == i) | (index == j), jnp.inf, row)
+    row_i = jnp.where(go, row, linkage[i])
+    row_j = jnp.where(go, never, linkage[j])
+    linkage = linkage.at[i, :].set(row_i).at[:, i].set(row_i)
+    linkage = linkage.at[j, :].set(row_j).at[:, j].set(row_j)
     sizes = jnp.where(go, sizes.at[i].add(sj).at[j].set(0), sizes)
-    alive = jnp.where(go, alive.at[j].set(False), alive)
     label = jnp.where(go & (label == j), i, label)
-    return linkage, sizes, alive, label
+    return linkage, sizes, groups - go.astype(groups.dtype), label
 
-  linkage = jnp.where(pair_ok | pair_ok.T, distances, jnp.inf)
-  init = (linkage, active.astype(distances.dtype), active, index)
-  _, sizes, alive, label = jax.lax.fori_loop(0, max(n - 2, 0), merge, init)
+  both = active[:, None] & active[None, :] & (index[:, None] != index[None, :])
+  linkage = jnp.where(both, distances, jnp.inf)
+  init = (linkage, active.astype(distances.dtype), jnp.sum(active), index)
+  _, sizes, _, label = jax.lax.fori_loop(0, n - 2, merge, init)
+  alive = sizes > 0
   # Alive groups are labelled by their lowest member, so argmax's first maximum is the group
   # holding the lowest active row when the sizes tie.
   winner = jnp.argmax(jnp.where(alive, sizes, -1))
