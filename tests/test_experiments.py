@@ -486,6 +486,19 @@ def test_flag_convergence_reference_agrees_with_flag_on_a_tiny_case():
   assert bool(result.converged)
 
 
+def test_flag_convergence_training_grams_and_table():
+  from experiments import flag_convergence
+  grams = flag_convergence.training_grams(2)
+  assert len(grams) == 2
+  for K in grams:
+    K = np.asarray(K, np.float64)
+    chex.assert_shape(K, (16, 16))
+    np.testing.assert_allclose(K, K.T)
+    assert np.linalg.eigvalsh(K).min() >= -1e-4 * np.abs(K).max()
+  rows = flag_convergence.training_table(3)
+  assert len(rows) == 5 and all(row.startswith("| ") and row.endswith(" |") for row in rows)
+
+
 # ---------------------------------------------------------------------------------------------
 # The leaderboard: worst case over attacks, batched runs, killed and resumed.
 
