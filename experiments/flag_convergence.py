@@ -158,23 +158,16 @@ def training_grams(num_steps: int, *, num_workers: int = 16, batch_size: int = 3
   """Gram matrices of the workers' gradients at ``num_steps`` consecutive steps of the digits
   MLP trained by plain SGD on ``flag``'s aggregate (all workers honest)."""
   import jax
-  import jax.numpy as jnp
-  from experiments import data as data_lib
-  from experiments import models
+  from experiments import bench_throughput
   from flagjax import aggregators
   from flagjax.core import gram as gram_lib
-  dataset = data_lib.load_digits()
-  model = models.create("mlp", dataset.image_shape, dataset.num_classes, seed)
-  apply, params = models.functional(model)
-  loss_fn = models.make_loss_fn(apply)
-  shards = data_lib.iid_partition(len(dataset.train_labels), num_workers, seed)
-  shards = data_lib.WorkerShards(jnp.asarray(shards.indices), jnp.asarray(shards.sizes))
-  images, labels = jnp.asarray(dataset.train_images), jnp.asarray(dataset.train_labels)
+  loss_fn, params, batches = bench_throughput.make_problem(num_workers, batch_size, num_steps,
+                                                           seed)
   grads_fn = jax.jit(jax.vmap(jax.grad(loss_fn), in_axes=(None, 0)))
   aggregate = jax.jit(aggregators.flag)
   grams = []
-  for key in jax.random.split(jax.random.key(seed), num_steps):
-    grads = grads_fn(params, data_lib.sample_batches(key, shards, images, labels, batch_size))
+  for batch in batches:
+    grads = grads_fn(params, batch)
     grams.append(gram_lib.gram(grads))
     params = jax.tree.map(lambda p, g: p - learning_rate * g, params, aggregate(grads))
   return grams
