@@ -14,7 +14,8 @@ Attacks that change more than the Byzantine rows (data attacks, lossy links) kee
 of their own per (rule, f). Each finished run is written atomically as a cell of the sweep's
 store (``<out>/cells/<key>.json``, the key of :func:`experiments.sweep.cell_key`, so the
 leaderboard and ``experiments.sweep`` name a run alike); a killed run restarts where it
-stopped and never loses or duplicates a run.
+stopped and never loses or duplicates a run. ``--jobs`` processes (default: the cores, up to
+2) share the groups (:func:`run_board_in_processes`), with the same runs and results.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ DEFAULT_FS = (1, 3, 5, 7)
 DEFAULT_ALPHAS = (None, 1.0, 0.3, 0.1)   # None: IID
 DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_STEPS = 200
+DEFAULT_JOBS = max(1, min(2, os.cpu_count() or 1))
 
 # The main job: the setting that separates the rules (15 workers, 6 Byzantine, Dirichlet 0.3
 # non-IID shards), a few rules and attacks, in about half a minute on 2 cores.
@@ -204,18 +206,26 @@ def _eta(seconds: float) -> str:
 
 
 def run_board(board: Board, out_dir: str, command: str, *, progress: bool = True,
-              log=print) -> dict:
-  """Runs the missing runs group by group, each finished run written as it completes."""
+              log=print, jobs: int = 1, claims: Optional[str] = None) -> dict:
+  """Runs the missing runs group by group, each finished run written as it completes.
+
+  ``jobs > 1``: :func:`run_board_in_processes`. ``claims``: this process is one of several
+  sharing the work (:func:`_work`): it runs only the groups it claims first in that folder
+  and writes no summary.
+  """
+  if jobs > 1:
+    return run_board_in_processes(board, out_dir, command, jobs, progress=progress, log=log)
+  parent = os.getppid()
   cells = sweep.cells_dir(out_dir)
   os.makedirs(cells, exist_ok=True)
   done = sweep.load_done(out_dir)
   total = len(board)
   already = sum(1 for group in board.groups() for *_, key, _ in board.runs(*group)
                 if key in done)
-  if already:
+  if already and claims is None:
     log(f"resuming: {already} of {total} runs already done in {cells}")
-  bar = train.progress_bar(total - already, progress, unit="run")
-  if progress:
+  bar = train.progress_bar(total - already, progress and claims is None, unit="run")
+  if progress and claims is None:
     log = lambda line, _write=bar.write: _write(line, file=sys.stdout)
   prepared = train.prepare(board.base)
   start, computed, finished = time.perf_counter(), 0, already
@@ -225,7 +235,9 @@ def run_board(board: Board, out_dir: str, command: str, *, progress: bool = True
     for rule, f, attacks in board.groups():
       runs = board.runs(rule, f, attacks)
       todo = [run for run in runs if run[2] not in done]
-      if not todo:
+      if claims is not None and os.getppid() != parent:
+        break   # orphaned (the parent was killed): stop before the next group
+      if not todo or (claims is not None and not _claim(claims, rule, f, attacks)):
         continue
       rule_label = specs.parse_spec(rule, "rule").label
       todo_attacks = tuple(a for a in attacks if any(c.attack == a for *_, c in todo))
@@ -263,11 +275,98 @@ def run_board(board: Board, out_dir: str, command: str, *, progress: bool = True
       elapsed = time.perf_counter() - start
       eta = elapsed / computed * (total - finished)
       result = "n/a" if results is None else f"{len(todo)} runs in {seconds:.1f} s"
-      log(f"[{finished}/{total}] {rule_label} | f = {f} | {group_label}: {result} "
-          f"(elapsed {_eta(elapsed)}, ETA {_eta(eta)})")
+      if claims is not None:   # the parent process counts and estimates
+        log(f"{rule_label} | f = {f} | {group_label}: {result}")
+      else:
+        log(f"[{finished}/{total}] {rule_label} | f = {f} | {group_label}: {result} "
+            f"(elapsed {_eta(elapsed)}, ETA {_eta(eta)})")
   finally:
     bar.close()
+  if claims is not None:
+    return {}
   return write_outputs(out_dir, board, done, command, timing)
+
+
+def _claim(claims: str, rule: str, f: int, attacks: Sequence[str]) -> bool:
+  """Whether this process takes the group: the first to create its claim file does."""
+  import hashlib
+  name = hashlib.sha256(repr((rule, f, tuple(attacks))).encode()).hexdigest()[:20]
+  try:
+    os.close(os.open(os.path.join(claims, name), os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    return True
+  except FileExistsError:
+    return False
+
+
+def _work(board: Board, out_dir: str, claims: str) -> None:
+  """One of :func:`run_board_in_processes`' processes (started fresh: its own JAX)."""
+  run_board(board, out_dir, "", progress=False, claims=claims,
+            log=lambda line: print(line, flush=True))
+
+
+def run_board_in_processes(board: Board, out_dir: str, command: str, jobs: int, *,
+                           progress: bool = True, log=print) -> dict:
+  """:func:`run_board` with ``jobs`` processes sharing the groups, then the summary.
+
+  Each process takes the next group no process has claimed (a claim file created
+  exclusively), so the groups are shared as they come, whatever each costs. On 2 cores much
+  of a group's time runs on one: compilation, and the ``n x n`` eigensolves and sorting
+  networks of small rules (measured: two slices of the grid, 18 s and 13 s one after the
+  other, took 22 s side by side). The runs and their results are those of ``jobs = 1``;
+  each process writes its runs into the same store as they finish, so a killed run resumes
+  as usual (a process whose parent was killed stops before its next group).
+  """
+  import multiprocessing
+  import shutil
+  cells = sweep.cells_dir(out_dir)
+  os.makedirs(cells, exist_ok=True)
+  keys = {key for group in board.groups() for *_, key, _ in board.runs(*group)}
+  already = sum(1 for key in sweep.load_done(out_dir) if key in keys)
+
+  def count_done() -> int:
+    # A run's file appears only when it is complete (written, then renamed): counting names
+    # is enough for the progress, without parsing thousands of files every second.
+    return len(keys & {name[:-5] for name in os.listdir(cells) if name.endswith(".json")})
+
+  if already:
+    log(f"resuming: {already} of {len(board)} runs already done in {cells}")
+  claims = os.path.join(out_dir, "claims")
+  shutil.rmtree(claims, ignore_errors=True)   # a killed run's claims are stale
+  os.makedirs(claims)
+  context = multiprocessing.get_context("spawn")
+  workers = [context.Process(target=_work, args=(board, out_dir, claims), daemon=True)
+             for _ in range(jobs)]
+  start = time.perf_counter()
+  for worker in workers:
+    worker.start()
+  bar = train.progress_bar(len(board) - already, progress, unit="run")
+  finished, last_report = already, start
+  try:
+    while any(worker.is_alive() for worker in workers):
+      time.sleep(1.0)
+      now_done = count_done()
+      bar.update(now_done - finished)
+      finished = now_done
+      elapsed = time.perf_counter() - start
+      if not progress and elapsed - (last_report - start) >= 60 and finished > already:
+        last_report = time.perf_counter()
+        eta = elapsed / (finished - already) * (len(board) - finished)
+        log(f"[{finished}/{len(board)}] (elapsed {_eta(elapsed)}, ETA {_eta(eta)})")
+  finally:
+    bar.close()
+    for worker in workers:
+      worker.join()
+    shutil.rmtree(claims, ignore_errors=True)
+  failed = [worker.exitcode for worker in workers if worker.exitcode != 0]
+  if failed:
+    raise RuntimeError(f"{len(failed)} of {jobs} leaderboard processes failed (exit codes "
+                       f"{failed}); the runs they finished are kept, rerun to resume")
+  done = sweep.load_done(out_dir)
+  computed = sum(1 for key in keys if key in done) - already
+  seconds = time.perf_counter() - start
+  log(f"{computed} runs in {seconds:.1f} s with {jobs} processes")
+  return write_outputs(out_dir, board, done, command,
+                       {"runs": computed, "seconds": seconds, "jobs": jobs})
 
 
 def summarize(board: Board, done: dict) -> dict:
@@ -342,8 +441,9 @@ def markdown(summary: dict, command: str, timing: Optional[dict] = None) -> str:
     lines += ["", f"Every attack (f = {f}, {alpha_label(alpha)}):", "",
               report.markdown_table(["rule"] + list(summary["attacks"]), rows)]
   if timing and timing.get("runs"):
+    processes = f", {timing['jobs']} processes" if timing.get("jobs", 1) > 1 else ""
     lines += ["", f"Computed here: {timing['runs']} runs in {timing['seconds']:.0f} s "
-                  f"({timing['seconds'] / timing['runs']:.2f} s per run, batched)."]
+                  f"({timing['seconds'] / timing['runs']:.2f} s per run, batched{processes})."]
   lines += ["", "Produced by:", "", f"    {command}", ""]
   return "\n".join(lines)
 
@@ -437,8 +537,10 @@ Outputs in --out: cells/<key>.json (one per run, written atomically), leaderboar
 table.md, heatmap-<rule>.png (f x heterogeneity) and best-rule.png. The runs of one rule
 and f share one compiled program (vmap over runs, scan over steps): every heterogeneity
 level, seed and gradient attack (the optimal ones included); data attacks and lossy links
-get a program each. The leaderboard resumes: run the same command again after a
-crash or Ctrl-C and only the missing runs are computed; --fresh starts over.
+get a program each. --jobs processes (default: the cores, up to 2) share those programs,
+each run computed once and exactly as with one process. The leaderboard resumes: run the
+same command again after a crash or Ctrl-C and only the missing runs are computed; --fresh
+starts over.
 """
 
 EPILOG = """\
@@ -447,6 +549,7 @@ examples:
   python -m experiments.leaderboard                      # the default grid
   python -m experiments.leaderboard --rules flag median --f 3 5 --attacks alie min_max
   python -m experiments.leaderboard --quick --measure-speedup   # batched vs experiments.sweep
+  python -m experiments.leaderboard --jobs 1             # one process
 
 Rule and attack specs are written as in experiments.train --help (e.g. flag:scale=rank,
 min_max:perturbation=sign). Defaults: every rule of flagjax.aggregators plus flag:scale=rank,
@@ -496,6 +599,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="also time the first group's runs batched and through "
                            "experiments.sweep (one at a time), and report the ratio")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+  parser.add_argument("--jobs", type=int, default=DEFAULT_JOBS,
+                      help="processes sharing the (rule, f) groups, same results (default: "
+                           f"{DEFAULT_JOBS}, the cores here up to 2: on 2 cores two processes "
+                           "run a grid ~1.4x faster, much of a group's time using one core)")
   return parser
 
 
@@ -525,6 +632,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = build_parser().parse_args(argv)
 
   def body() -> int:
+    if args.jobs < 1:
+      raise UsageError(f"--jobs must be at least 1, got {args.jobs}")
     board = board_from_args(args)
     out_dir = args.out or os.path.join("results",
                                        "leaderboard-quick" if args.quick else "leaderboard")
@@ -536,7 +645,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"heterogeneity x {len(board.attacks)} attacks x {len(board.seeds)} seeds = "
           f"{len(board)} runs -> {out_dir}", flush=True)
     summary = run_board(board, out_dir, command, progress=not args.no_progress,
-                        log=lambda line: print(line, flush=True))
+                        log=lambda line: print(line, flush=True), jobs=args.jobs)
     print()
     print(markdown(summary, command))
     if args.measure_speedup:

@@ -504,7 +504,8 @@ def test_flag_convergence_training_grams_and_table():
 
 BOARD = ["--dataset", "synthetic", "--num-workers", "5", "--steps", "6", "--batch-size", "8",
          "--rules", "bulyan", "median", "--f", "1", "--alphas", "iid", "0.5",
-         "--attacks", "sign_flip", "min_max", "--seeds", "0", "1", "--no-progress"]
+         "--attacks", "sign_flip", "min_max", "--seeds", "0", "1", "--no-progress",
+         "--jobs", "1"]
 
 
 def test_leaderboard_worst_case_is_the_minimum_over_attacks():
@@ -570,6 +571,25 @@ def test_leaderboard_speedup_measures_the_first_group_both_ways(tmp_path):
     assert batched[key]["final_accuracy"] == pytest.approx(alone[key]["final_accuracy"],
                                                            abs=1e-6)
   assert json.loads((tmp_path / "speedup.json").read_text()) == result
+
+
+def test_leaderboard_in_two_processes_gives_the_same_runs(tmp_path):
+  # Two processes share the groups by claim files: every run once, each the one-process run.
+  board = ["--dataset", "synthetic", "--num-workers", "5", "--steps", "4", "--batch-size", "8",
+           "--rules", "median", "trimmed_mean", "mean", "--f", "1", "--alphas", "iid",
+           "--attacks", "sign_flip", "label_flip", "--seeds", "0", "--no-progress"]
+  one, two = tmp_path / "one", tmp_path / "two"
+  assert leaderboard.main(board + ["--jobs", "1", "--out", str(one)]) == 0
+  assert leaderboard.main(board + ["--jobs", "2", "--out", str(two)]) == 0
+  first, second = sweep.load_done(str(one)), sweep.load_done(str(two))
+  assert len(first) == 6 and set(first) == set(second)
+  for key, record in first.items():
+    assert second[key]["final_accuracy"] == record["final_accuracy"], key
+  assert not (two / "claims").exists()
+  summary = json.loads((two / "leaderboard.json").read_text())
+  assert summary["cells"] == json.loads((one / "leaderboard.json").read_text())["cells"]
+  assert "2 processes" in (two / "table.md").read_text()
+  assert leaderboard.main(board + ["--jobs", "0", "--out", str(two)]) == 2
 
 
 def test_leaderboard_killed_and_resumed_matches_one_at_a_time_training(tmp_path, capsys):
