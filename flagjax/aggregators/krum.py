@@ -212,9 +212,9 @@ def bulyan_selection(K: jax.Array, f: int) -> jax.Array:
   if n > BULYAN_SORT_ONCE_ABOVE:
     # Each row's distances sorted once (itself last, at +inf); every round then sums the
     # first k entries still in the remainder, read through a running count.
-    others = ~jnp.eye(n, dtype=bool)
-    order = jnp.argsort(jnp.where(others, D, jnp.inf), axis=1, stable=True)
-    ordered = jnp.take_along_axis(jnp.where(others, D, jnp.inf), order, axis=1)
+    apart = jnp.where(~jnp.eye(n, dtype=bool), D, jnp.inf)
+    order = jnp.argsort(apart, axis=1, stable=True)
+    ordered = jnp.take_along_axis(apart, order, axis=1)
     not_self = order != jnp.arange(n)[:, None]
 
     def scores_of(k, remaining):

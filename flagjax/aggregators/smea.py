@@ -80,12 +80,13 @@ def _eigenvalue_bounds(K: jax.Array, finite: jax.Array, n: int, f: int) -> jax.A
   dropped (its rounding would be amplified). The bound is then lowered by margins larger than
   the rounding of either side (``1e5 eps`` relative, ``8 n eps sqrt(bound max|G|)`` for the
   projections, ``4 n eps max_{i in S} K_ii`` for the subset's eigenvalue), so a subset whose
-  bound exceeds the best score truly scores more. Subsets holding a non-finite
-  row get ``+inf`` (their score is ``+inf``). The work is done in units of a power of two at
-  ``K``'s largest entry, so rows near the float maximum (a diverged run's gradients) do not
-  overflow it; where anything still does, every other subset gets ``-inf`` (scored). On real gradients (digits MLP, 15 workers under
-  ALIE, sign flip, Min-Max, IPM and Gaussian attacks, f = 3-7) the unlowered bound is 0.94-0.98
-  of the top eigenvalue (median over subsets) and 0-3.5% of the subsets bound below the best.
+  bound exceeds the best score truly scores more. Subsets holding a non-finite row get
+  ``+inf`` (their score is ``+inf``). The work is done in units of a power of two at ``K``'s
+  largest entry, so rows near the float maximum (a diverged run's gradients) do not overflow
+  it; where anything still does, every other subset gets ``-inf`` (scored). On real
+  gradients (digits MLP, 15 workers under ALIE, sign flip, Min-Max, IPM and Gaussian
+  attacks, f = 3-7) the unlowered bound is 0.94-0.98 of the top eigenvalue (median over
+  subsets) and 0-3.5% of the subsets bound below the best.
   """
   dtype = K.dtype
   eps = jnp.finfo(dtype).eps
