@@ -197,6 +197,114 @@ class SpectralTest(parameterized.TestCase):
     np.testing.assert_allclose(got, exact, rtol=1e-5)
 
 
+def _psd_cases(m, rng):
+  """Symmetric PSD matrices with the structures a covariance Gram can have."""
+  wide = rng.normal(size=(m, 3 * m))
+  narrow = rng.normal(size=(m, 4))                       # rank 4 (n > d)
+  spike = rng.normal(size=m)
+  duplicated = rng.normal(size=(m, 2 * m))
+  duplicated[1] = duplicated[0]
+  return {"wishart (clustered top)": wide @ wide.T / (3 * m),
+          "separated top": wide @ wide.T / (3 * m) + 4 * np.outer(spike, spike) / m,
+          "rank 4": narrow @ narrow.T, "duplicated row": duplicated @ duplicated.T,
+          "identity (all tied)": np.eye(m), "zero": np.zeros((m, m)),
+          "huge": wide @ wide.T * 1e33, "tiny": wide @ wide.T * 1e-33}
+
+
+class CertifiedTopEigenpairTest(parameterized.TestCase):
+  """Lanczos + a Cholesky certificate against numpy's float64 eigh: the value within the
+  certificate's slack (16 m eps max|M|) plus rounding, the vector a unit vector whose
+  Rayleigh quotient is as large, and the top eigenvector itself where the top is separated."""
+
+  def check(self, top, matrix, name):
+    dtype = matrix.dtype
+    m = matrix.shape[0]
+    value, vector = (np.asarray(v) for v in top(jnp.asarray(matrix)))
+    chex.assert_shape(vector, (m,))
+    self.assertEqual(value.dtype, dtype)
+    exact_values, exact_vectors = np.linalg.eigh(matrix.astype(np.float64))
+    scale = np.abs(matrix.astype(np.float64)).max()
+    bound = 32 * m * np.finfo(dtype).eps * scale
+    self.assertLessEqual(abs(float(value) - exact_values[-1]), bound, name)
+    v = vector.astype(np.float64)
+    self.assertAlmostEqual(float(v @ v), 1.0, delta=1e-4, msg=name)
+    rayleigh = v @ matrix.astype(np.float64) @ v
+    self.assertGreaterEqual(rayleigh, exact_values[-1] - 2 * bound, name)
+    gap = exact_values[-1] - exact_values[-2]
+    if gap > 0.05 * exact_values[-1]:
+      self.assertGreater(abs(v @ exact_vectors[:, -1]), 1 - 1e-4, name)
+
+  @chex.variants(with_jit=True)
+  @parameterized.product(m=(5, 40, 130), dtype=("float32", "float64"))
+  def test_matches_numpy(self, m, dtype):
+    rng = np.random.default_rng(m)
+    with jax.enable_x64(dtype == "float64"):
+      top = self.variant(spectral.certified_top_eigenpair)
+      for name, matrix in _psd_cases(m, rng).items():
+        self.check(top, matrix.astype(dtype), f"{name}, m={m}, {dtype}")
+
+  @parameterized.parameters("float32", "float64")
+  def test_certificate_holds_without_the_fallback(self, dtype):
+    # With the eigh fallback poisoned, the usual matrices still come out right: Lanczos and
+    # its certificate alone answered them (the fallback is not what the tests above measure).
+    rng = np.random.default_rng(3)
+    with jax.enable_x64(dtype == "float64"), pytest.MonkeyPatch.context() as patch:
+      patch.setattr(spectral, "_eigh_top", lambda M: (jnp.full((), jnp.nan, M.dtype),
+                                                      jnp.full(M.shape[:1], jnp.nan, M.dtype)))
+      top = jax.jit(spectral.certified_top_eigenpair)
+      for name, matrix in _psd_cases(spectral.LANCZOS_MIN_ROWS, rng).items():
+        self.check(top, matrix.astype(dtype), f"{name}, {dtype}")
+
+  def test_falls_back_to_eigh_when_lanczos_misses_the_top(self):
+    # One Lanczos step gives the start's Rayleigh quotient, below the top: the certificate
+    # must fail and the exact eigh answer come back, also for some matrices of a vmapped batch.
+    rng = np.random.default_rng(0)
+    m = 30
+    cases = _psd_cases(m, rng)
+    batch = np.stack([cases["separated top"], cases["rank 4"], cases["zero"]]).astype(np.float32)
+    with pytest.MonkeyPatch.context() as patch:
+      patch.setattr(spectral, "_LANCZOS_MAX_STEPS", 1)
+      patch.setattr(spectral, "_LANCZOS_CHECK_EVERY", 1)
+      top = jax.jit(spectral.certified_top_eigenpair)
+      for name, matrix in zip(("separated top", "rank 4", "zero"), batch):
+        self.check(top, matrix, name)
+      values, _ = jax.jit(jax.vmap(spectral.certified_top_eigenpair))(jnp.asarray(batch))
+      exact = np.linalg.eigvalsh(batch.astype(np.float64))[:, -1]
+      np.testing.assert_allclose(values, exact, rtol=1e-5, atol=1e-6)
+
+  def test_start_orthogonal_to_the_top_eigenvector(self):
+    # The top eigenvector is orthogonal to the fixed start, so the Krylov space holds it only
+    # through rounding: either Lanczos finds it that way or the certificate sends it to eigh.
+    m = 64
+    rng = np.random.default_rng(1)
+    start = np.asarray(spectral._lanczos_start(m, jnp.float32), np.float64)
+    v = rng.normal(size=m)
+    v -= (v @ start) * start
+    v /= np.linalg.norm(v)
+    rest = rng.normal(size=(m, m))
+    projector = np.eye(m) - np.outer(v, v)
+    matrix = 10 * np.outer(v, v) + projector @ (rest @ rest.T / m) @ projector
+    self.check(jax.jit(spectral.certified_top_eigenpair), matrix.astype(np.float32), "orthogonal")
+
+  def test_top_eigenpair_switches_at_the_threshold(self):
+    # Through top_eigenpair (the weighted, centred covariance in Gram space) both sides of
+    # LANCZOS_MIN_ROWS agree with numpy's d-space covariance.
+    for n in (spectral.LANCZOS_MIN_ROWS - 1, spectral.LANCZOS_MIN_ROWS + 3):
+      rng = np.random.default_rng(n)
+      x = rng.normal(size=(n, 12)) + 5.0
+      x[: n // 5] += 6 * rng.normal(size=12)
+      weights = rng.uniform(0.5, 1.5, size=n)
+      weights /= weights.sum()
+      with jax.enable_x64(True):
+        top = jax.jit(spectral.top_eigenpair)(jnp.asarray(x @ x.T), jnp.asarray(weights))
+      z = x - weights @ x
+      values, vectors = np.linalg.eigh((weights[:, None] * z).T @ z)
+      np.testing.assert_allclose(float(top.value), values[-1], rtol=1e-10)
+      exact = z @ vectors[:, -1]
+      np.testing.assert_allclose(np.abs(np.asarray(top.projections)), np.abs(exact),
+                                 rtol=1e-7, atol=1e-8)
+
+
 class SortingTest(parameterized.TestCase):
 
   @parameterized.parameters(*range(1, 41))

@@ -14,6 +14,7 @@ import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from absl.testing import parameterized
 from scipy.cluster import hierarchy
 from sklearn import cluster as sk_cluster
@@ -127,6 +128,20 @@ class SpectralFilterTest(parameterized.TestCase):
                                  atol=1e-9)
       np.testing.assert_allclose(rules.smea(jnp.asarray(x), f), np_smea(x, f), rtol=1e-9,
                                  atol=1e-9)
+
+  @parameterized.parameters((5, 3), (12, 4))
+  def test_caf_above_the_lanczos_threshold_matches_numpy(self, d, f):
+    # From spectral.LANCZOS_MIN_ROWS rows on, each eigenpair is certified Lanczos, not eigh:
+    # still the d-space oracle's filter, step for step (n > d: rank-deficient covariances).
+    # The eigh fallback is poisoned (NaN), so Lanczos and its certificate answered every step.
+    n = spectral.LANCZOS_MIN_ROWS + 2
+    x = spread_rows(7 * d, n, d, f, distance=5.0)
+    x[1] = x[0]
+    with jax.enable_x64(True), pytest.MonkeyPatch.context() as patch:
+      patch.setattr(spectral, "_eigh_top", lambda M: (jnp.full((), jnp.nan, M.dtype),
+                                                      jnp.full(M.shape[:1], jnp.nan, M.dtype)))
+      caf = jax.jit(aggregators.caf, static_argnames="f")
+      np.testing.assert_allclose(caf(jnp.asarray(x), f), np_caf(x, f), rtol=1e-9, atol=1e-9)
 
   def test_float32_ties_constant_column_and_nonfinite_rows(self):
     x = helpers.tied_rows(3, 9, 6).astype(np.float64)

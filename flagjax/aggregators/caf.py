@@ -98,9 +98,11 @@ def caf(x, f: int, *, max_iters: Optional[int] = None, axis_name=None):
   covariance, until the weights sum to ``n - 2f``, and returns the weighted mean of smallest
   top eigenvalue seen (see :func:`caf_coefficients` for the exact loop). Exact and
   deterministic: each eigenpair is the ``n x n`` eigenproblem of the weighted, centred Gram
-  (:mod:`flagjax.core.spectral`), where ByzFL (0.0.11) runs one power step from a random
-  vector, so its output changes from call to call. Costs one pass for ``K``, at most ``2f``
-  ``n x n`` eigendecompositions, one pass to combine; on coordinate shards one ``psum``.
+  (:mod:`flagjax.core.spectral`; from 128 workers on, certified Lanczos instead of a full
+  ``eigh``: the top eigenvalue within ``16 n eps`` of the exact one), where ByzFL (0.0.11)
+  runs one power step from a random vector, so its output changes from call to call. Costs
+  one pass for ``K``, at most ``2f`` ``n x n`` top eigenpairs, one pass to combine; on
+  coordinate shards one ``psum``.
 
   Needs ``n > 2f``. Rows holding NaN/Inf (or whose squared norm overflows) start with weight
   0; with at most ``f`` of them the result is finite.

@@ -14,7 +14,10 @@ If :math:`M a = \lambda a` with :math:`|a| = 1`, then :math:`v = Z^\top W^{1/2} 
 row's projection is :math:`(x_i - \mu_w)^\top v = (G W^{1/2} a)_i / \sqrt{\lambda}`. So the
 top eigenpair, and the projections the filters score rows by, are exact ``n x n`` work from
 ``K``: nothing of size ``d`` is formed, and the result is deterministic (ByzFL estimates ``v``
-with one power step from a random vector).
+with one power step from a random vector). Below :data:`LANCZOS_MIN_ROWS` rows the ``n x n``
+top pair is LAPACK's ``eigh``; from there on it is Lanczos with a Cholesky certificate
+(:func:`certified_top_eigenpair`: the value within ``16 n eps`` of the exact one, or the full
+``eigh`` when the certificate fails), 3-5x faster at n = 256-1024.
 """
 
 from __future__ import annotations
@@ -26,12 +29,24 @@ import jax
 import jax.numpy as jnp
 
 __all__ = [
+    "LANCZOS_MIN_ROWS",
     "TopEigenpair",
     "centered_gram",
+    "certified_top_eigenpair",
     "largest_eigenvalue",
+    "symmetric_top_eigenpair",
     "top_eigenpair",
     "top_eigenvalue",
 ]
+
+# From this many rows on, symmetric_top_eigenpair runs certified Lanczos instead of a full
+# LAPACK eigh (measured crossover: see certified_top_eigenpair).
+LANCZOS_MIN_ROWS = 128
+# Lanczos steps at most, and how often the Ritz pair is checked for convergence.
+_LANCZOS_MAX_STEPS = 64
+_LANCZOS_CHECK_EVERY = 16
+# The certificate's slack in units of n * eps * lambda (see certified_top_eigenpair).
+_CERTIFICATE_SLACK = 16
 
 
 class TopEigenpair(NamedTuple):
@@ -56,8 +71,156 @@ def centered_gram(K: jax.Array, weights: jax.Array) -> jax.Array:
   return K - Kw[:, None] - Kw[None, :] + weights @ Kw
 
 
+def _lanczos_start(n: int, dtype) -> jax.Array:
+  """A fixed start vector with no exact zero and no structure (uniform on ``[0.5, 1.5)`` times a
+  sign from a fixed key): independent of the input, so the result is deterministic. Not
+  ``1`` or ``sqrt(w)``: the weighted covariance maps ``sqrt(w)`` to zero."""
+  key = jax.random.key(0x5EC7)
+  magnitude = jax.random.uniform(key, (n,), dtype, 0.5, 1.5)
+  sign = jnp.where(jax.random.bernoulli(jax.random.fold_in(key, 1), 0.5, (n,)), 1, -1)
+  vector = magnitude * sign.astype(dtype)
+  return vector / jnp.linalg.norm(vector)
+
+
+def _lanczos_ritz(M: jax.Array, start: jax.Array, max_steps: int, check_every: int,
+                  tolerance: jax.Array) -> tuple[jax.Array, jax.Array]:
+  r"""The top Ritz pair of ``M`` on a Krylov basis from ``start`` (Lanczos, Golub & Van Loan
+  4th ed. §10.1, with full reorthogonalisation).
+
+  The basis ``q_0 .. q_{m-1}`` is orthonormalised twice against all earlier vectors ("twice is
+  enough"), and the Ritz pair comes from the projected matrix ``Q M Q^T`` itself (not the
+  three-term recurrence's tridiagonal). At a breakdown (the next vector is rounding: the
+  basis spans an invariant subspace) the basis ends there; if that subspace misses the top
+  eigenvalue, the certificate of :func:`certified_top_eigenpair` catches it. Every
+  ``check_every`` steps the top Ritz pair's residual ``|M a - theta a|`` is compared with
+  ``tolerance``; the loop stops there or after ``max_steps``.
+  """
+  n = M.shape[0]
+  dtype = M.dtype
+  basis = jnp.zeros((max_steps, n), dtype).at[0].set(start)
+  images = jnp.zeros((max_steps, n), dtype)            # M q_j
+
+  def ritz(basis, images):
+    projected = basis @ images.T                        # Q M Q^T
+    # Rows of Q not (yet) filled are 0; their -1 keeps them below every Ritz value of the
+    # PSD M (all >= 0 up to rounding), so the top Ritz vector is never made of them.
+    unused = jnp.all(basis == 0, axis=1)
+    projected = 0.5 * (projected + projected.T) - jnp.diag(unused.astype(dtype))
+    values, vectors = jnp.linalg.eigh(projected)
+    coefficients = vectors[:, -1]
+    vector = coefficients @ basis
+    residual = jnp.linalg.norm(coefficients @ images - values[-1] * vector)
+    return values[-1], vector, residual
+
+  def extend(j, carry):
+    basis, images = carry
+    image = M @ basis[j]
+    w = image
+    for _ in range(2):
+      w = w - basis.T @ (basis @ w)
+    norm = jnp.linalg.norm(w)
+    # Breakdown: what is left is rounding (the basis spans an invariant subspace). Normalised,
+    # it would be a direction no longer orthogonal to the basis; a zero vector ends the basis.
+    fresh = norm > n * jnp.finfo(dtype).eps * jnp.linalg.norm(image)
+    following = jnp.where(fresh, w / jnp.where(fresh, norm, 1), 0)
+    basis = jnp.where(j + 1 < max_steps, basis.at[jnp.minimum(j + 1, max_steps - 1)].set(
+        following), basis)
+    return basis, images.at[j].set(image)
+
+  def block(state):
+    steps, basis, images, _ = state
+    basis, images = jax.lax.fori_loop(steps, steps + check_every, extend, (basis, images))
+    _, _, residual = ritz(basis, images)
+    return steps + check_every, basis, images, residual <= tolerance
+
+  def keep_going(state):
+    steps, _, _, converged = state
+    return (steps < max_steps) & ~converged
+
+  _, basis, images, _ = jax.lax.while_loop(
+      keep_going, block, (jnp.zeros((), jnp.int32), basis, images, jnp.asarray(False)))
+  value, vector, _ = ritz(basis, images)
+  return value, vector / jnp.linalg.norm(vector)
+
+
+def _eigh_top(M: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """The top eigenpair from LAPACK's full ``eigh`` (the value clamped at 0)."""
+  values, vectors = jnp.linalg.eigh(M)
+  return jnp.maximum(values[-1], 0), vectors[:, -1]
+
+
+def certified_top_eigenpair(M: jax.Array) -> tuple[jax.Array, jax.Array]:
+  r"""The largest eigenvalue of a symmetric PSD ``M`` and a unit vector for it, without a full
+  eigensolver when a cheap certificate holds.
+
+  1. Lanczos with full reorthogonalisation (:func:`_lanczos_ritz`, at most 64 steps, from a
+     fixed start vector) gives a Ritz pair :math:`(\theta, a)`; :math:`\theta \le
+     \lambda_{\max}` (a Rayleigh quotient).
+  2. Certificate: ``M`` is scaled by a power of two to entries below 1 (exact; no norm
+     overflows), and the Cholesky factorisation of :math:`(\theta + \delta) I - M`,
+     :math:`\delta = 16\, n\, \epsilon \max(\theta, |M|_{\max}/2)`, is computed. It
+     exists (is finite) only if that matrix is positive definite up to Cholesky's backward
+     error (~``n eps |M|``), i.e. only if :math:`\lambda_{\max} \le \theta + \delta` up
+     to that rounding. Then :math:`(\theta, a)` is returned: the value within ~``16 n eps``
+     (relative) of the exact one (LAPACK's own is within a few ``n eps``), the vector with a
+     Rayleigh quotient as large. Where the top eigenvalue is separated by more than that,
+     ``a`` is its eigenvector to the residual over the gap; inside a cluster narrower than
+     ``delta`` it is some unit vector of the cluster (the exact eigenvector is then itself
+     ill-determined, and ``eigh``'s choice within it is rounding).
+  3. Otherwise (Lanczos has not reached the top: a start nearly orthogonal to it, or slow
+     convergence) the full ``eigh`` runs. It sits in a ``while_loop`` that runs at most once,
+     so under ``vmap`` it runs only when some matrix of the batch needs it (a ``cond``
+     would become a ``select`` and run it always).
+
+  Measured (2-core CPU, float32, CAF's covariances at d = 1e5): one call at n = 1024
+  ~25 ms against ~80-140 ms for ``eigh``; below ~128 rows ``eigh`` is as fast or faster
+  (:data:`LANCZOS_MIN_ROWS`).
+
+  Args:
+    M: ``[m, m]`` symmetric positive semi-definite, finite.
+
+  Returns:
+    ``(value, vector)``: the top eigenvalue (``>= 0``) and a unit vector.
+  """
+  m = M.shape[0]
+  dtype = M.dtype
+  max_steps = min(m, _LANCZOS_MAX_STEPS)
+  check_every = min(max_steps, _LANCZOS_CHECK_EVERY)
+  max_steps = -(-max_steps // check_every) * check_every
+  # Scaled by a power of two (exact) to |entries| < 1: no norm of a Krylov vector overflows.
+  _, exponent = jnp.frexp(jnp.max(jnp.abs(M)))
+  power = jnp.ldexp(jnp.ones((), dtype), exponent)
+  scaled = M / power
+  slack = _CERTIFICATE_SLACK * m * jnp.finfo(dtype).eps
+  theta, vector = _lanczos_ritz(scaled, _lanczos_start(m, dtype), max_steps, check_every,
+                                slack)
+  theta = jnp.maximum(theta, 0)
+  # theta is below lambda_max and |scaled| < 1, so slack * max(theta, 1/2) >= slack * theta.
+  bound = theta + slack * jnp.maximum(theta, 0.5)
+  factor = jnp.linalg.cholesky(bound * jnp.eye(m, dtype=dtype) - scaled)
+  certified = jnp.all(jnp.isfinite(factor))
+
+  def exact(state):
+    return *_eigh_top(scaled), jnp.asarray(True)
+
+  value, vector, _ = jax.lax.while_loop(lambda state: ~state[2], exact,
+                                        (theta, vector, certified))
+  return value * power, vector
+
+
+def symmetric_top_eigenpair(M: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """``(lambda_max, unit eigenvector)`` of a symmetric PSD ``[m, m]`` matrix: LAPACK's ``eigh``
+  below :data:`LANCZOS_MIN_ROWS` rows, :func:`certified_top_eigenpair` from there on."""
+  if M.shape[0] >= LANCZOS_MIN_ROWS:
+    return certified_top_eigenpair(M)
+  return _eigh_top(M)
+
+
 def top_eigenpair(K: jax.Array, weights: jax.Array) -> TopEigenpair:
   r"""The top eigenpair of the ``weights``-weighted covariance of the rows behind ``K``.
+
+  The ``n x n`` eigenproblem is LAPACK's ``eigh`` up to :data:`LANCZOS_MIN_ROWS` rows and
+  certified Lanczos beyond (:func:`symmetric_top_eigenpair`).
 
   Args:
     K: ``[n, n]`` Gram of the rows (any common reference: the covariance is translation
@@ -70,9 +233,7 @@ def top_eigenpair(K: jax.Array, weights: jax.Array) -> TopEigenpair:
   G = centered_gram(K, weights)
   root = jnp.sqrt(jnp.maximum(weights, 0))
   M = root[:, None] * G * root[None, :]
-  values, vectors = jnp.linalg.eigh(M)
-  value = jnp.maximum(values[-1], 0)
-  a = vectors[:, -1]
+  value, a = symmetric_top_eigenpair(M)
   positive = value > 0
   projections = (G @ (root * a)) / jnp.sqrt(jnp.where(positive, value, 1))
   return TopEigenpair(value, jnp.where(positive, projections, 0))
