@@ -142,6 +142,10 @@ class SpectralFilterTest(parameterized.TestCase):
                                                       jnp.full(M.shape[:1], jnp.nan, M.dtype)))
       caf = jax.jit(aggregators.caf, static_argnames="f")
       np.testing.assert_allclose(caf(jnp.asarray(x), f), np_caf(x, f), rtol=1e-9, atol=1e-9)
+    # On 8 coordinate shards (one psum of K; the Lanczos start is the same everywhere).
+    x32 = np.pad(x, ((0, 0), (0, 8 - d % 8))).astype(np.float32)
+    np.testing.assert_allclose(helpers.run_coordinate_sharded(rules.caf, x32, f=f),
+                               rules.caf(x32, f), rtol=1e-5, atol=1e-5)
 
   def test_float32_ties_constant_column_and_nonfinite_rows(self):
     x = helpers.tied_rows(3, 9, 6).astype(np.float64)
