@@ -120,6 +120,99 @@ class GramTest(parameterized.TestCase):
       elif d > 1000:
         self.assertGreater(error, 1e-1)
 
+  def test_central_row_matches_numpy(self):
+    # Integer rows with duplicates (tied medians: the lowest index wins) and non-finite rows.
+    rng = np.random.default_rng(11)
+    for n in (1, 2, 5, 8, 13):
+      x = rng.integers(-3, 4, size=(n, 6)).astype(np.float32)
+      if n > 2:
+        x[1] = x[0]
+        x[n - 1, 2] = np.nan
+      if n > 4:
+        x[2, 0] = np.inf
+      x64 = x.astype(np.float64)
+      with np.errstate(invalid="ignore"):
+        D = ((x64[:, None] - x64[None]) ** 2).sum(-1)
+      D[~np.isfinite(D)] = np.inf
+      np.fill_diagonal(D, 0)
+      expected = int(np.argmin(np.sort(D, axis=1)[:, n // 2]))
+      self.assertEqual(int(gram_lib.central_row(jnp.asarray(x))), expected, f"n={n}")
+
+  def test_reference_in_bulk(self):
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(9, 50))
+    cases = {"an honest row": (x[4], True), "the mean": (x.mean(0), True),
+             "10 spreads away": (x[4] + 10 * np.sqrt(2 * 50) * np.eye(50)[0], False)}
+    for name, (r, expected) in cases.items():
+      K = jnp.asarray((x - r) @ (x - r).T)
+      self.assertEqual(bool(gram_lib._reference_in_bulk(K, 9)), expected, name)
+    self.assertTrue(bool(gram_lib._reference_in_bulk(jnp.zeros((9, 9)), 9)))   # all equal
+    # One non-finite row (not the reference) leaves the others' verdict; a reference that
+    # held a NaN makes every entry NaN, and a huge one overflows them: both rejected.
+    one_bad = np.asarray((x - x[4]) @ (x - x[4]).T)
+    one_bad[7, :] = one_bad[:, 7] = np.nan
+    self.assertTrue(bool(gram_lib._reference_in_bulk(jnp.asarray(one_bad), 9)))
+    self.assertFalse(bool(gram_lib._reference_in_bulk(jnp.full((9, 9), jnp.nan), 9)))
+    self.assertFalse(bool(gram_lib._reference_in_bulk(jnp.full((9, 9), jnp.inf), 9)))
+
+  def test_sampled_reference_and_its_check(self):
+    # Multi-chunk leaves take their reference from the first chunk (central_row). Honest rows
+    # at 1000 + 0.01 noise (an offset 1e5x their spread; the plain Gram loses every distance),
+    # row 3 exactly at the centre in the first chunk. Benign: row 3 is the reference. Then row
+    # 3 made a Byzantine row that is central in the first chunk but 1e10 (or 1e30, or NaN)
+    # beyond it: the check must reject it and the full-norm median row (honest) be used; with
+    # the check disabled the honest distances are lost, so the check is what keeps them.
+    d = 2 * gram_lib.GRAM_CHUNK + 11
+    rng = np.random.default_rng(13)
+    centre = 1000 + 0.01 * rng.normal(size=d)
+    x = (centre + 0.01 * rng.normal(size=(9, d))).astype(np.float32)
+    x[3] = centre.astype(np.float32)
+    gram = jax.jit(lambda rows: gram_lib.gram(rows, centered=True))
+
+    def honest_error(K, honest):
+      D = np.asarray(gram_lib.sq_distances(K))[np.ix_(honest, honest)]
+      exact = helpers.np_sq_distances(x[honest])
+      return np.abs(D - exact).max() / np.abs(exact).max()
+
+    K = gram(x)
+    x64 = x.astype(np.float64)
+    np.testing.assert_allclose(K, (x64 - x64[3]) @ (x64 - x64[3]).T, rtol=1e-4, atol=2e-4)
+    self.assertLess(honest_error(K, np.arange(9)), 1e-3)
+    batch = [x]
+    honest = np.array([i for i in range(9) if i != 3])
+    for value in (1e10, 1e30, np.nan):
+      y = x.copy()
+      y[3, gram_lib.GRAM_CHUNK:] = value
+      K = gram(y)
+      self.assertLess(honest_error(K, honest), 1e-3, f"beyond the first chunk: {value}")
+      # Row 3 itself: finite at 1e10 (|x|^2 ~ 1e24), non-finite when it overflows or is NaN.
+      self.assertEqual(bool(np.isfinite(np.asarray(K)[3, 3])), value == 1e10)
+      with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(gram_lib, "_reference_in_bulk", lambda K, n: jnp.asarray(True))
+        unchecked = jax.jit(lambda rows: gram_lib.gram(rows, centered=True))(y)
+        if value == 1e10:
+          self.assertGreater(honest_error(unchecked, honest), 1e-1)
+        else:
+          self.assertFalse(np.all(np.isfinite(np.asarray(unchecked)[np.ix_(honest, honest)])))
+      batch.append(y)
+    # Under vmap the rejected inputs take the fallback and the accepted one does not (K itself
+    # may differ: the median-norm ranking of near-equal norms rounds differently in a batch).
+    batched = jax.jit(jax.vmap(lambda rows: gram_lib.gram(rows, centered=True)))(np.stack(batch))
+    np.testing.assert_allclose(batched[0], (x64 - x64[3]) @ (x64 - x64[3]).T, rtol=1e-4,
+                               atol=2e-4)
+    for got in batched[1:]:
+      self.assertLess(honest_error(got, honest), 1e-3)
+    # On 8 coordinate shards each device samples its own first chunk (a composite reference):
+    # K differs from the unsharded one, the distances do not.
+    wide = np.concatenate([x] * 8, axis=1)
+    sharded = jax.jit(jax.shard_map(
+        lambda xs: gram_lib.gram(xs, axis_name="coords", centered=True),
+        mesh=helpers.coordinate_mesh(), in_specs=jax.sharding.PartitionSpec(None, "coords"),
+        out_specs=jax.sharding.PartitionSpec()))(wide)
+    D = np.asarray(gram_lib.sq_distances(sharded))
+    exact = helpers.np_sq_distances(wide)
+    self.assertLess(np.abs(D - exact).max() / np.abs(exact).max(), 1e-3)
+
   def test_sharded_gram_is_the_psum_of_shard_grams(self):
     x = helpers.random_rows(8, 6, 8 * 40)
     mesh = helpers.coordinate_mesh()
