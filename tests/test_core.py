@@ -185,6 +185,10 @@ class GramTest(parameterized.TestCase):
       y[3, gram_lib.GRAM_CHUNK:] = value
       K = gram(y)
       self.assertLess(honest_error(K, honest), 1e-3, f"beyond the first chunk: {value}")
+      # The same rows as a pytree: a small leaf (full-norm reference) beside the sampled one.
+      tree = {"small": jnp.asarray(y[:, :7]), "wide": jnp.asarray(y[:, 7:])}
+      K_tree = jax.jit(lambda t: gram_lib.gram(t, centered=True))(tree)
+      self.assertLess(honest_error(K_tree, honest), 1e-3, f"pytree, {value}")
       # Row 3 itself: finite at 1e10 (|x|^2 ~ 1e24), non-finite when it overflows or is NaN.
       self.assertEqual(bool(np.isfinite(np.asarray(K)[3, 3])), value == 1e10)
       with pytest.MonkeyPatch.context() as patch:
