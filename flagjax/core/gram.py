@@ -289,17 +289,19 @@ def gram(x: PyTree, *, axis_name=None, extra: Optional[PyTree] = None,
   n = tree_lib.num_workers("gram", x) if leaves else 0
   parts = [_leaf_gram(leaf, e, dtype, centered, origin, sampled_reference=True)
            for leaf, e in zip(leaves, extras)]
+  grams = [K for K, _ in parts]
   sampled = [i for i, (_, was_sampled) in enumerate(parts) if was_sampled]
   if not sampled:
-    return symmetrize(_psum(sum(K for K, _ in parts), axis_name))
+    return symmetrize(_psum(sum(grams), axis_name))
   # Each sampled reference must lie in the bulk of its leaf's rows (_reference_in_bulk, on
   # the leaf's own Gram); otherwise the Gram is formed again with the full-norm references,
   # under a while_loop that runs at most once (under vmap, only when some input of the batch
-  # needs it; a cond would become a select and always run it).
-  leaf_grams = _psum(jnp.stack([parts[i][0] for i in sampled]), axis_name)
-  accepted = jnp.all(jax.vmap(lambda K: _reference_in_bulk(K, n))(leaf_grams))
-  grams = [parts[i][0] for i in range(len(parts))]
-  total = _psum(sum(grams), axis_name)
+  # needs it; a cond would become a select and always run it). One psum of the leaf Grams
+  # serves both the check and the total.
+  leaf_grams = _psum(jnp.stack(grams), axis_name)
+  accepted = jnp.all(jax.vmap(lambda K: _reference_in_bulk(K, n))(
+      leaf_grams[jnp.asarray(sampled)]))
+  total = sum(leaf_grams[i] for i in range(len(grams)))
 
   def full_norm_references(state):
     # The rows are read through the carried factor 1 (exact), so that XLA's loop-invariant

@@ -128,18 +128,20 @@ def _lanczos_ritz(M: jax.Array, start: jax.Array, max_steps: int, check_every: i
     return basis, images.at[j].set(image)
 
   def block(state):
-    steps, basis, images, _ = state
+    steps, basis, images, _, _, _ = state
     basis, images = jax.lax.fori_loop(steps, steps + check_every, extend, (basis, images))
-    _, _, residual = ritz(basis, images)
-    return steps + check_every, basis, images, residual <= tolerance
+    value, vector, residual = ritz(basis, images)
+    return steps + check_every, basis, images, residual <= tolerance, value, vector
 
   def keep_going(state):
-    steps, _, _, converged = state
+    steps, _, _, converged, _, _ = state
     return (steps < max_steps) & ~converged
 
-  _, basis, images, _ = jax.lax.while_loop(
-      keep_going, block, (jnp.zeros((), jnp.int32), basis, images, jnp.asarray(False)))
-  value, vector, _ = ritz(basis, images)
+  # The loop runs at least once (max_steps >= check_every >= 1), so the Ritz pair carried
+  # out is the last one computed.
+  *_, value, vector = jax.lax.while_loop(
+      keep_going, block, (jnp.zeros((), jnp.int32), basis, images, jnp.asarray(False),
+                          jnp.zeros((), dtype), start))
   return value, vector / jnp.linalg.norm(vector)
 
 
