@@ -6,6 +6,7 @@ pytrees, an extra row, non-finite rows, and coordinate shards.
 """
 
 import itertools
+from unittest import mock
 
 import chex
 import jax
@@ -292,6 +293,75 @@ class SpectralTest(parameterized.TestCase):
     got = jax.jit(jax.vmap(spectral.largest_eigenvalue))(matrices)
     exact = np.linalg.eigvalsh(matrices.astype(np.float64))[:, -1]
     np.testing.assert_allclose(got, exact, rtol=1e-5)
+
+  @parameterized.parameters(2, 5, 12)
+  def test_a_stack_is_solved_matrix_by_matrix(self, m):
+    # Every nasty case in one stack [2, k, m, m]: each matrix is scaled on its own (1e37 and
+    # 1e-33 side by side), and the stack agrees with numpy per matrix, as one matrix does.
+    rng = np.random.default_rng(m)
+    cases = _symmetric_cases(m, rng)
+    stack = np.stack(list(cases.values()) * 2).astype(np.float32).reshape(2, -1, m, m)
+    got = np.asarray(jax.jit(spectral.largest_eigenvalue)(jnp.asarray(stack)))
+    chex.assert_shape(got, stack.shape[:2])
+    exact = np.linalg.eigvalsh(stack.astype(np.float64))[..., -1]
+    bound = 4 * m * np.finfo(np.float32).eps * np.abs(stack.astype(np.float64)).max((-2, -1))
+    for name, error, limit in zip(list(cases) * 2, np.abs(got - exact).ravel(), bound.ravel()):
+      self.assertLessEqual(error, limit, name)
+
+  def test_stacks_under_vmap_and_in_pieces(self):
+    # vmap joins the mapped axis to the stack (a custom batching rule), and a long stack is
+    # solved in overlapping pieces: neither may change a value. Reference: each matrix alone.
+    rng = np.random.default_rng(11)
+    b = rng.normal(size=(3, 13, 6, 9)).astype(np.float32)
+    grams = np.einsum("akid,akjd->aijk", b, b)                   # [3, m, m, 13] batch-last
+    weights = rng.uniform(0.5, 1.5, size=(3, 6)).astype(np.float32)
+    weights /= weights.sum(1, keepdims=True)
+    one = lambda g, w: spectral.top_eigenvalues_trailing(jnp.asarray(g[:, :, None]), w)[0]
+    expected = np.array([[one(grams[a, :, :, k], weights[0]) for k in range(13)]
+                         for a in range(3)])
+    own = np.array([[one(grams[a, :, :, k], weights[a]) for k in range(13)] for a in range(3)])
+    for piece in (8192, 5):   # one piece; pieces of 5, 5, 3 (the last overlapping)
+      with mock.patch.object(spectral, "_STACK_PIECE", piece):
+        shared = jax.vmap(spectral.top_eigenvalues_trailing, (0, None))(grams, weights[0])
+        np.testing.assert_allclose(shared, expected, rtol=1e-6)
+        batched = jax.jit(jax.vmap(spectral.top_eigenvalues_trailing))(grams, weights)
+        np.testing.assert_allclose(batched, own, rtol=1e-6)
+        nested = jax.vmap(jax.vmap(spectral.top_eigenvalues_trailing, (0, None)),
+                          (0, None))(grams[:, None], weights[0])
+        np.testing.assert_allclose(nested[:, 0], expected, rtol=1e-6)
+        matrices = np.moveaxis(grams, -1, 1)                    # [3, 13, m, m]
+        largest = jax.vmap(jax.vmap(spectral.largest_eigenvalue))(matrices)
+        np.testing.assert_allclose(largest, np.linalg.eigvalsh(matrices.astype(np.float64))
+                                   [..., -1], rtol=1e-5)
+    # No derivative (a stop_gradient), not an error, through the custom batching rule.
+    grad = jax.grad(lambda g: spectral.top_eigenvalues_trailing(g, weights[0]).sum())(grams[0])
+    np.testing.assert_array_equal(grad, 0)
+
+  def test_top_eigenvalues_of_a_trailing_stack(self):
+    # Batch-last Grams [m, m, b] with shared weights: the top eigenvalue of each weighted
+    # covariance, against numpy's d-space covariance in float64 (ties and a duplicated row,
+    # n > d, a constant column, rows far from the origin).
+    rng = np.random.default_rng(3)
+    m, d = 7, 5
+    rows = rng.normal(size=(6, m, d))
+    rows[1, -1] = rows[1, 0]                       # a duplicated row
+    rows[2, :, 2] = 4.0                            # a constant column
+    rows[3] += 1e3                                 # far from the origin
+    rows[4] = np.round(rows[4])                    # ties
+    rows[5] = 0.0                                  # every row at the mean
+    weights = rng.uniform(0.5, 1.5, size=m)
+    weights /= weights.sum()
+    grams = np.einsum("bid,bjd->ijb", rows, rows)
+    got = np.asarray(spectral.top_eigenvalues_trailing(jnp.asarray(grams, jnp.float32),
+                                                       jnp.asarray(weights, jnp.float32)))
+    chex.assert_shape(got, (6,))
+    for b, x in enumerate(rows):
+      centred = x - weights @ x
+      exact = np.linalg.eigvalsh(centred.T @ (weights[:, None] * centred))[-1]
+      scale = np.abs(grams[:, :, b]).max()
+      self.assertLessEqual(abs(got[b] - exact), 64 * m * np.finfo(np.float32).eps * scale, b)
+    np.testing.assert_allclose(spectral.top_eigenvalue(jnp.asarray(np.moveaxis(grams, -1, 0)),
+                                                       jnp.asarray(weights)), got, rtol=1e-6)
 
 
 def _psd_cases(m, rng):

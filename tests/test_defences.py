@@ -246,6 +246,11 @@ class SpectralFilterTest(parameterized.TestCase):
       got = np.asarray(subsets.best_subset_by_bound(score, jnp.asarray(bounds), n, f,
                                                     elements_per_subset=1))
       np.testing.assert_array_equal(got, expected)
+      # A score that takes a whole chunk of subsets ([c, f], [c, n - f] -> [c]) finds the same.
+      chunked = np.asarray(subsets.best_subset_by_bound(
+          lambda removed, kept: jnp.stack([score(r, k) for r, k in zip(removed, kept)]),
+          jnp.asarray(bounds), n, f, elements_per_subset=1, batched=True))
+      np.testing.assert_array_equal(chunked, expected)
       first = np.nanargmin(np.where(np.isnan(values), np.inf, values))
       np.testing.assert_array_equal(np.flatnonzero(got), subsets.kept_sets(n, f)[first])
 
@@ -281,6 +286,18 @@ class SpectralFilterTest(parameterized.TestCase):
     self.assertGreater(np.linalg.norm(x.mean(0) - honest), 10 * spread)
     for rule in (rules.caf, rules.smea):
       self.assertLess(np.linalg.norm(np.asarray(rule(x, 3)) - honest), spread, rule.__name__)
+
+  def test_smea_differentiates_as_its_mean(self):
+    # The subset is a discrete choice, so d/dx_i of sum(smea(x)) is 1/(n - f) on the chosen
+    # rows and 0 elsewhere (the eigenvalue search carries no derivative); under vmap too.
+    x = spread_rows(3, 10, 6, 3, distance=50.0).astype(np.float32)
+    grad = np.asarray(jax.grad(lambda x: rules.smea(x, 3).sum())(x))
+    chosen = np.zeros(10, bool)
+    chosen[:7] = True                       # spread_rows puts the f far rows last
+    np.testing.assert_allclose(grad, np.where(chosen, 1 / 7, 0)[:, None] * np.ones((1, 6)),
+                               rtol=1e-6)
+    batched = jax.vmap(jax.grad(lambda x: rules.smea(x, 3).sum()))(np.stack([x, x[::-1]]))
+    np.testing.assert_allclose(batched[1], grad[::-1], rtol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -52,14 +52,19 @@ def smea_coefficients(K: jax.Array, f: int) -> jax.Array:
   size = n - f
   uniform = jnp.full((size,), 1.0 / size, dtype)
 
-  def eigenvalue(removed, kept):
+  def eigenvalues(removed, kept):
+    # A chunk of subsets at once: their Grams gathered batch-last, [size, size, c], and
+    # solved as one stack (spectral.top_eigenvalues_trailing). Chunks of up to 2**22 stack
+    # entries: the stacked solver pays per kernel, so fewer, larger chunks run faster
+    # (n = 32, f = 4, 2-core CPU: 560 ms, against ~900 ms with chunks a twelfth that size).
     del removed
-    kept = kept.astype(jnp.int32)
-    value = spectral.top_eigenvalue(K[kept][:, kept], uniform)
-    return jnp.where(jnp.all(finite[kept]), value, jnp.inf)
+    rows = kept.astype(jnp.int32).T
+    stack = K[rows[:, None, :], rows[None, :, :]]
+    values = spectral.top_eigenvalues_trailing(stack, uniform)
+    return jnp.where(jnp.all(finite[rows], 0), values, jnp.inf)
 
-  best = subsets.best_subset_by_bound(eigenvalue, _eigenvalue_bounds(K, finite, n, f), n, f,
-                                      elements_per_subset=3 * size * size)
+  best = subsets.best_subset_by_bound(eigenvalues, _eigenvalue_bounds(K, finite, n, f), n, f,
+                                      elements_per_subset=size * size // 4, batched=True)
   coefficients = best.astype(dtype) / size
   return jnp.where(jnp.sum(~finite) > f, jnp.nan, coefficients)
 
@@ -134,7 +139,9 @@ def smea(x, f: int, *, axis_name=None):
   answer is exact and deterministic (ByzFL 0.0.11 estimates each eigenvalue with one power
   step from a random vector: a noisy score, a subset that changes from call to call). Costs
   one pass for ``K``, at most ``C(n, f)`` small eigenvalue problems, one pass to combine.
-  The subsets are scored in order of a lower bound on their eigenvalue (the spread of their
+  A chunk of subsets' problems is solved as one stack, vectorised across the subsets
+  (:func:`flagjax.core.spectral.top_eigenvalues_trailing`; at n = 16, f = 4 the 1,820 take
+  ~3 ms). The subsets are scored in order of a lower bound on their eigenvalue (the spread of their
   projections on the two principal axes of all rows, :func:`_eigenvalue_bounds`) and the
   search stops when no bound is below the best score
   (:func:`flagjax.core.subsets.best_subset_by_bound`): the exhaustive search's answer, after

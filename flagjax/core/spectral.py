@@ -37,6 +37,7 @@ __all__ = [
     "symmetric_top_eigenpair",
     "top_eigenpair",
     "top_eigenvalue",
+    "top_eigenvalues_trailing",
 ]
 
 # From this many rows on, symmetric_top_eigenpair runs certified Lanczos instead of a full
@@ -47,6 +48,10 @@ _LANCZOS_MAX_STEPS = 64
 _LANCZOS_CHECK_EVERY = 16
 # The certificate's slack in units of n * eps * lambda (see certified_top_eigenpair).
 _CERTIFICATE_SLACK = 16
+# Matrices per piece of a stacked top-eigenvalue solve (top_eigenvalues_trailing): each step
+# of the solve streams the whole piece, so it should stay in cache. Measured per 10 x 10
+# matrix (2-core CPU): 1.4 us at 1,024, 0.8 us at 4,096-8,192, 2.5 us at 36,036.
+_STACK_PIECE = 8192
 
 
 class TopEigenpair(NamedTuple):
@@ -242,15 +247,19 @@ def top_eigenpair(K: jax.Array, weights: jax.Array) -> TopEigenpair:
 
 
 def _tridiagonalize(A: jax.Array) -> tuple[jax.Array, jax.Array]:
-  r"""Householder tridiagonalisation of a symmetric ``[m, m]`` matrix (Golub & Van Loan,
-  *Matrix Computations*, 4th ed., Algorithm 8.3.1): the diagonal ``[m]`` and the squared
-  off-diagonal ``[m - 1]`` of :math:`T = Q^\top A Q`.
+  r"""Householder tridiagonalisation of symmetric ``[m, m, *batch]`` matrices (Golub & Van
+  Loan, *Matrix Computations*, 4th ed., Algorithm 8.3.1): the diagonals ``[m, *batch]`` and
+  the squared off-diagonals ``[m - 1, *batch]`` of :math:`T = Q^\top A Q`.
 
   Step ``k`` reflects the trailing ``(m - k) x (m - k)`` block with
   :math:`H = I - \beta v v^\top`, :math:`v = x + \operatorname{sign}(x_0)|x| e_1` (``x`` the
   block's first column below the diagonal), which leaves :math:`-\operatorname{sign}(x_0)|x|`
   on the off-diagonal: only its square :math:`|x|^2` is kept (the Sturm count reads only
-  squares). The block shrinks each step, so shapes are static and the loop unrolls.
+  squares). The block shrinks each step, so shapes are static and the loop unrolls. The
+  matrices of a batch are stacked along the *trailing* axes, so every step is one
+  elementwise or reduction kernel over the whole batch, contiguous in memory (written for
+  one matrix and ``vmap``-ped, each step's product is a batched matrix-vector product: 2.8 ms
+  against 2.2 ms for 1,820 matrices of 12 x 12, 2-core CPU).
   """
   m = A.shape[0]
   diagonal, off_squared = [], []
@@ -258,26 +267,29 @@ def _tridiagonalize(A: jax.Array) -> tuple[jax.Array, jax.Array]:
   for _ in range(m - 2):
     diagonal.append(block[0, 0])
     x = block[1:, 0]
-    norm_sq = jnp.sum(x * x)
+    norm_sq = jnp.sum(x * x, 0)
     off_squared.append(norm_sq)
     sign = jnp.where(x[0] >= 0, 1, -1).astype(A.dtype)
     v = x.at[0].add(sign * jnp.sqrt(norm_sq))
-    v_sq = jnp.sum(v * v)
+    v_sq = jnp.sum(v * v, 0)
     beta = jnp.where(v_sq > 0, 2 / jnp.where(v_sq > 0, v_sq, 1), 0)   # x = 0: H = I
     rest = block[1:, 1:]
-    p = beta * (rest @ v)
-    w = p - (0.5 * beta * jnp.dot(v, p)) * v
-    block = rest - (v[:, None] * w[None, :] + w[:, None] * v[None, :])
+    p = beta * jnp.sum(rest * v[None], 1)
+    w = p - (0.5 * beta * jnp.sum(v * p, 0)) * v
+    block = rest - (v[:, None] * w[None] + w[:, None] * v[None])
   if m >= 2:
     diagonal += [block[0, 0], block[1, 1]]
     off_squared.append(block[0, 1] * block[0, 1])
   else:
     diagonal.append(block[0, 0])
-  return jnp.stack(diagonal), jnp.stack(off_squared) if off_squared else jnp.zeros((0,), A.dtype)
+  batch = A.shape[2:]
+  return (jnp.stack(diagonal),
+          jnp.stack(off_squared) if off_squared else jnp.zeros((0,) + batch, A.dtype))
 
 
 def largest_eigenvalue(A: jax.Array) -> jax.Array:
-  r""":math:`\lambda_{\max}` of a symmetric ``[m, m]`` matrix, without an eigensolver call.
+  r""":math:`\lambda_{\max}` of a symmetric ``[m, m]`` matrix, or of each of a stack
+  ``[..., m, m]``, without an eigensolver call.
 
   Householder tridiagonalisation (:func:`_tridiagonalize`), then bisection on the Sturm count
   of the tridiagonal :math:`T` (Golub & Van Loan, 4th ed., §8.4.1; LAPACK's ``?stebz``):
@@ -286,33 +298,100 @@ def largest_eigenvalue(A: jax.Array) -> jax.Array:
   :math:`[\max_i d_i, \max_i (d_i + |e_{i-1}| + |e_i|)]` (the largest diagonal entry and
   Gershgorin's bound) and is halved ``nmant + log2(m) + 3`` times, past the dtype's precision.
   Both steps are backward stable, so the result is within a few ``m eps |A|`` of the exact
-  value, like LAPACK's ``?syevd``; the matrix is first scaled by a power of two (exact) so
+  value, like LAPACK's ``?syevd``; each matrix is first scaled by a power of two (exact) so
   that squares of entries near the dtype's maximum do not overflow.
 
   Why not ``jnp.linalg.eigvalsh``: on CPU every matrix is one LAPACK call with its fixed
-  overhead; this is a few dozen vectorised operations, so under ``vmap`` over many small
-  matrices it is ~3.5x faster (1820 matrices of 12 x 12, 2-core CPU: ~3 ms against ~10 ms),
-  which is what SMEA's subset search spends its time on. Deterministic; no vectors.
+  overhead; this is a few dozen vectorised operations over the whole stack, worked on with
+  its matrices along the trailing axes (``vmap`` over matrices joins the mapped axis to the
+  stack, see :func:`_stack_solver`). 1,820 matrices of 12 x 12 (SMEA's search at n = 16,
+  f = 4), 2-core CPU: 2.9-3.1 ms as a stack or ``vmap``-ped, against 4.1 ms for this solver
+  written per matrix and ``vmap``-ped (the batch leading), and 9-14 ms with ``eigvalsh``.
+  Deterministic; no vectors.
 
   Args:
-    A: ``[m, m]`` symmetric, finite (both triangles are read).
+    A: ``[..., m, m]`` symmetric, finite (both triangles are read).
 
   Returns:
-    The largest eigenvalue, a scalar in ``A``'s dtype.
+    The largest eigenvalue of each matrix, ``[...]`` in ``A``'s dtype, without a derivative
+    (``stop_gradient``: it feeds discrete choices, such as SMEA's subset; the bisection had
+    no meaningful one).
   """
+  m, batch = A.shape[-1], A.shape[:-2]
+  stack = jnp.moveaxis(A.reshape((-1, m, m)), 0, -1)   # [m, m, count]: one trailing batch axis
+  stack = jax.lax.stop_gradient(stack)   # reverse mode cannot pass the custom batching rule
+  return _largest_of_stack(stack, jnp.zeros((m,), A.dtype)).reshape(batch)
+
+
+def _stack_solver(centred: bool):
+  """``solve(A [m, m, count], weights [m]) -> [count]``: the top eigenvalue of every matrix
+  of a stack laid out batch-last (``centred``: of the weighted covariance of every Gram, see
+  :func:`top_eigenvalues_trailing`; else ``weights`` is unused).
+
+  In pieces of at most :data:`_STACK_PIECE` matrices (a ``fori_loop``; the last piece
+  overlaps the one before rather than padding the stack), since each step of the solve
+  streams its whole piece. Under ``vmap`` the mapped axis joins the stack (one bigger stack,
+  still one trailing axis): XLA's CPU reductions over the middle axis of the ``[1, m, m, c]``
+  arrays a plain ``vmap`` would give run ~4x slower than over ``[m, m, c]``.
+  """
+
+  def piece_values(A, weights):
+    if not centred:
+      return _largest_eigenvalue_trailing(A)
+    m = A.shape[0]
+    # (Kw)_i = sum_j w_j K_ji (K symmetric): a matrix-vector product over the flattened
+    # stack, not a reduction over its middle axis (XLA's CPU reductions there are ~4x slower).
+    Kw = (weights @ A.reshape(m, -1)).reshape(m, -1)           # [m, count]
+    w = weights[:, None]
+    G = A - Kw[:, None] - Kw[None, :] + jnp.sum(Kw * w, 0)
+    root = jnp.sqrt(jnp.maximum(w, 0))
+    return jnp.maximum(_largest_eigenvalue_trailing(root[:, None] * G * root[None, :]), 0)
+
+  def in_pieces(A, weights):
+    count = A.shape[2]
+    if count <= _STACK_PIECE:
+      return piece_values(A, weights)
+    pieces = -(-count // _STACK_PIECE)
+    size = -(-count // pieces)
+
+    def piece(i, values):
+      start = jnp.minimum(i * size, count - size)
+      part = jax.lax.dynamic_slice_in_dim(A, start, size, axis=2)
+      return jax.lax.dynamic_update_slice_in_dim(values, piece_values(part, weights), start, 0)
+    return jax.lax.fori_loop(0, pieces, piece, jnp.zeros((count,), A.dtype))
+
+  solve = jax.custom_batching.custom_vmap(in_pieces)
+
+  @solve.def_vmap
+  def _(axis_size, in_batched, A, weights):
+    A_batched, weights_batched = in_batched
+    if weights_batched:   # every stack its own weights: the plain batching rule
+      if not A_batched:
+        A = jnp.broadcast_to(A, (axis_size,) + A.shape)
+      return jax.vmap(in_pieces)(A, weights), True
+    if not A_batched:
+      return solve(A, weights), False
+    m, count = A.shape[1], A.shape[3]
+    merged = jnp.moveaxis(A, 0, -1).reshape(m, m, count * axis_size)
+    return solve(merged, weights).reshape(count, axis_size).T, True
+  return solve
+
+
+def _largest_eigenvalue_trailing(A: jax.Array) -> jax.Array:
+  """:func:`largest_eigenvalue` of a stack ``[m, m, count]`` laid out batch-last."""
   m = A.shape[0]
   dtype = A.dtype
-  _, exponent = jnp.frexp(jnp.max(jnp.abs(A)))   # |A| < 2**exponent (exponent 0 for A = 0)
+  _, exponent = jnp.frexp(jnp.max(jnp.abs(A), (0, 1)))   # |A| < 2**exponent (0 for A = 0)
   scale = jnp.ldexp(jnp.ones((), dtype), exponent)
   d, e2 = _tridiagonalize(A / scale)
   if m == 1:
     return d[0] * scale
   e = jnp.sqrt(e2)
-  zero = jnp.zeros((1,), dtype)
+  zero = jnp.zeros((1,) + e.shape[1:], dtype)
   radius = jnp.concatenate([zero, e]) + jnp.concatenate([e, zero])
-  lo, hi = jnp.max(d), jnp.max(d + radius)
+  lo, hi = jnp.max(d, 0), jnp.max(d + radius, 0)
   # LAPACK's pivmin: the smallest pivot magnitude allowed in the Sturm recurrence.
-  pivot_floor = jnp.finfo(dtype).tiny * jnp.maximum(1, jnp.max(e2))
+  pivot_floor = jnp.finfo(dtype).tiny * jnp.maximum(1, jnp.max(e2, 0))
 
   def all_below(x):
     q = d[0] - x
@@ -336,7 +415,20 @@ def largest_eigenvalue(A: jax.Array) -> jax.Array:
 
 def top_eigenvalue(K: jax.Array, weights: jax.Array) -> jax.Array:
   r""":math:`\lambda_{\max}` of the weighted covariance alone (:func:`largest_eigenvalue`:
-  no eigensolver call, no vectors)."""
-  G = centered_gram(K, weights)
-  root = jnp.sqrt(jnp.maximum(weights, 0))
-  return jnp.maximum(largest_eigenvalue(root[:, None] * G * root[None, :]), 0)
+  no eigensolver call, no vectors), for one symmetric Gram ``[m, m]`` or a stack
+  ``[..., m, m]`` (solved together, see :func:`largest_eigenvalue`)."""
+  return top_eigenvalues_trailing(jnp.moveaxis(K, (-2, -1), (0, 1)), weights)
+
+
+def top_eigenvalues_trailing(K: jax.Array, weights: jax.Array) -> jax.Array:
+  r""":func:`top_eigenvalue` of a stack of Grams laid out batch-last, ``[m, m, *batch]``
+  (``K[:, :, b]`` one symmetric Gram; all share ``weights [m]``): the layout the solver works
+  in, so a caller that gathers its stack this way saves a transposition (SMEA's 1,820 Grams
+  of 12 x 12: ~0.6 ms of ~3 ms)."""
+  m, batch = K.shape[0], K.shape[2:]
+  stack = jax.lax.stop_gradient(K.reshape(m, m, -1))   # (as in largest_eigenvalue)
+  return _top_of_stack(stack, jax.lax.stop_gradient(weights)).reshape(batch)
+
+
+_largest_of_stack = _stack_solver(centred=False)
+_top_of_stack = _stack_solver(centred=True)

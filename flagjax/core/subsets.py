@@ -107,7 +107,7 @@ def _row_mask(n: int, rows: jax.Array) -> jax.Array:
 
 def best_subset_by_bound(score: Callable[[jax.Array, jax.Array], jax.Array],
                          lower_bounds: jax.Array, n: int, f: int, *,
-                         elements_per_subset: int) -> jax.Array:
+                         elements_per_subset: int, batched: bool = False) -> jax.Array:
   r""":func:`best_subset`'s answer, scoring only the subsets whose bound does not rule them out.
 
   ``lower_bounds[s]`` must satisfy :math:`\mathrm{bound}_s \le \mathrm{score}_s` for every
@@ -129,6 +129,9 @@ def best_subset_by_bound(score: Callable[[jax.Array, jax.Array], jax.Array],
     lower_bounds: ``[C(n, f)]``.
     n, f: as in :func:`best_subset`.
     elements_per_subset: as in :func:`best_subset` (bounds a chunk's memory).
+    batched: ``score`` takes a chunk's index rows, ``[c, f]`` and ``[c, n - f]``, and returns
+      its ``[c]`` scores (for a score that vectorises better by hand than under ``vmap``);
+      by default it scores one subset and is ``vmap``-ped.
 
   Returns:
     ``[n]`` bool, True on the rows of :math:`S^\star`.
@@ -154,7 +157,7 @@ def best_subset_by_bound(score: Callable[[jax.Array, jax.Array], jax.Array],
   def score_chunk(state, chunk_size):
     start, best_score, best_index = state
     index = jax.lax.dynamic_slice_in_dim(order, start, chunk_size)
-    scores = jax.vmap(score)(removed[index], kept[index]).astype(dtype)
+    scores = (score if batched else jax.vmap(score))(removed[index], kept[index]).astype(dtype)
     usable = jax.lax.dynamic_slice_in_dim(valid, start, chunk_size)
     scores = jnp.where(usable & ~jnp.isnan(scores), scores, jnp.inf)
     least = jnp.min(scores)
