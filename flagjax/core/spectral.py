@@ -70,10 +70,18 @@ def centered_gram(K: jax.Array, weights: jax.Array) -> jax.Array:
   r""":math:`G = P K P^\top`, :math:`P = I - \mathbf{1} w^\top`: the Gram of :math:`x_i - \mu_w`.
 
   Written as :math:`G_{ij} = K_{ij} - (Kw)_i - (Kw)_j + w^\top K w`, symmetric by
-  construction. ``K`` should be finite (zero the rows of non-finite workers first).
+  construction. ``K`` should be finite (zero the rows of non-finite workers first). ``K`` is
+  one Gram ``[n, n]`` or a stack of symmetric Grams laid out batch-last, ``[n, n, count]``,
+  all sharing ``weights``: there :math:`(Kw)_i = \sum_j w_j K_{ji}` is one matrix-vector
+  product over the flattened stack, not a reduction over its middle axis (XLA's CPU
+  reductions there are ~4x slower).
   """
-  Kw = K @ weights
-  return K - Kw[:, None] - Kw[None, :] + weights @ Kw
+  if K.ndim == 2:
+    Kw = K @ weights
+    return K - Kw[:, None] - Kw[None, :] + weights @ Kw
+  n = K.shape[0]
+  Kw = (weights @ K.reshape(n, -1)).reshape(n, -1)               # [n, count]
+  return K - Kw[:, None] - Kw[None, :] + jnp.sum(Kw * weights[:, None], 0)
 
 
 def _lanczos_start(n: int, dtype) -> jax.Array:
@@ -338,13 +346,8 @@ def _stack_solver(centred: bool):
   def piece_values(A, weights):
     if not centred:
       return _largest_eigenvalue_trailing(A)
-    m = A.shape[0]
-    # (Kw)_i = sum_j w_j K_ji (K symmetric): a matrix-vector product over the flattened
-    # stack, not a reduction over its middle axis (XLA's CPU reductions there are ~4x slower).
-    Kw = (weights @ A.reshape(m, -1)).reshape(m, -1)           # [m, count]
-    w = weights[:, None]
-    G = A - Kw[:, None] - Kw[None, :] + jnp.sum(Kw * w, 0)
-    root = jnp.sqrt(jnp.maximum(w, 0))
+    root = jnp.sqrt(jnp.maximum(weights, 0))[:, None]
+    G = centered_gram(A, weights)
     return jnp.maximum(_largest_eigenvalue_trailing(root[:, None] * G * root[None, :]), 0)
 
   def in_pieces(A, weights):
