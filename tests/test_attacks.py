@@ -1,6 +1,7 @@
 """Attacks against numpy formulas written from DESIGN.md, on arrays, pytrees and shards."""
 
 import functools
+import inspect
 
 import chex
 import hypothesis
@@ -16,6 +17,8 @@ from jax.sharding import PartitionSpec as P
 
 from flagjax import aggregators
 from flagjax import attacks
+from flagjax.attacks import adaptive
+from flagjax.core import gram as gram_lib
 from tests import helpers
 
 KEY = jax.random.key(0)
@@ -203,6 +206,77 @@ class AdaptiveAttackTest(chex.TestCase):
     # Against the mean the damage grows with eps: the search runs to the top of its range.
     rows = attacks.optimal_ipm(aggregators.mean, search_range=(0.0, 3.0))(honest, 2, KEY)
     np.testing.assert_allclose(rows[0], -3.0 * honest.mean(0), rtol=1e-5)
+
+  def test_marked_rules_are_rotation_equivariant(self):
+    # The optimal attacks evaluate a marked rule on coordinates in the rows' span; that is
+    # exact only if rule(x Q) = rule(x) Q for every orthogonal Q. Nasty rows: a duplicate, a
+    # near-zero row, a row along one axis.
+    rng = np.random.default_rng(4)
+    x = helpers.random_rows(21, 9, 12) + 0.3
+    x[3] = x[1]
+    x[5] *= 1e-6
+    x[7] = 0.0
+    x[7, 2] = 4.0
+    q = np.linalg.qr(rng.standard_normal((12, 12)))[0].astype(np.float32)
+    marked = sorted(name for name in aggregators.__all__
+                    if gram_lib.is_rotation_equivariant(getattr(aggregators, name)))
+    self.assertEqual(marked, sorted(["caf", "centered_clipping", "clipped_clustering", "flag",
+                                     "fltrust", "geometric_median", "krum", "mda", "mean",
+                                     "monna", "multi_krum", "normalized_mean", "smea"]))
+
+    def call(name, rows, rotation):
+      rule = getattr(aggregators, name)
+      kwargs = {"f": 2} if "f" in inspect.signature(rule).parameters else {}
+      if name == "fltrust":
+        kwargs["server_update"] = x.mean(0) @ rotation
+      return np.asarray(rule(rows, **kwargs))
+    for name in marked + ["median", "trimmed_mean"]:
+      rotated_input = call(name, x @ q, q)
+      rotated_output = call(name, x, np.eye(12, dtype=np.float32)) @ q
+      equal = np.allclose(rotated_input, rotated_output, rtol=1e-4, atol=1e-4)
+      # Coordinate-wise rules are not equivariant: the check can tell.
+      self.assertEqual(equal, name in marked, name)
+
+  @parameterized.parameters("krum", "caf", "smea", "flag", "centered_clipping", "fltrust",
+                            "clipped_clustering", "monna")
+  def test_span_damage_equals_the_damage_on_the_rows(self, name):
+    rule = getattr(aggregators, name)
+    h, f = 8, 3
+    kwargs = {"f": f} if "f" in inspect.signature(rule).parameters else {}
+    server = name == "fltrust"
+    cases = [helpers.random_rows(31, h, 40) + 0.5,
+             helpers.tied_rows(32, h, 40),                          # repeated values, rows
+             np.concatenate([helpers.random_rows(33, h, 20) * 1e-3,
+                             np.full((h, 20), 2.0, np.float32)], 1)]  # constant columns
+    cases[1][2] = cases[1][0]
+    for honest in cases:
+      tree = {"w": jnp.asarray(honest[:, :32].reshape(h, 4, 8)), "b": jnp.asarray(honest[:, 32:])}
+      mean = adaptive.honest_mean(tree, h)
+      std = adaptive.honest_std(tree, mean, h)
+      in_span = jax.jit(jax.vmap(adaptive._damage_in_span(rule, kwargs, server, tree, mean,
+                                                          mean, std, f)))
+      rule_kwargs = dict(kwargs, **({"server_update": mean} if server else {}))
+      on_rows = jax.jit(jax.vmap(lambda z: adaptive._damage(
+          rule, rule_kwargs, tree, adaptive.alie_rows(tree, mean, std, z, f, tree), mean, None)))
+      factors = jnp.asarray([0.0, 0.6, 2.5, 9.0], jnp.float32)
+      expected = np.asarray(on_rows(factors))
+      np.testing.assert_allclose(in_span(factors), expected,
+                                 atol=1e-3 * max(1.0, float(np.max(expected))), err_msg=name)
+
+  def test_optimal_attack_on_a_marked_rule_matches_the_search_on_rows(self):
+    # The same search through the rule on the d-dimensional rows (a wrapper hides the mark):
+    # the same factor, hence the same rows.
+    honest = helpers.random_rows(14, 9, 24) + 0.5
+    f = 4
+    for rule in (aggregators.krum, aggregators.caf, aggregators.smea,
+                 aggregators.geometric_median):
+      unmarked = lambda x, rule=rule, **kw: rule(x, **kw)
+      unmarked.__signature__ = inspect.signature(rule)
+      for factory in (attacks.optimal_alie, attacks.optimal_ipm):
+        fast = jax.jit(factory(rule), static_argnums=1)(honest, f, KEY)
+        slow = jax.jit(factory(unmarked), static_argnums=1)(honest, f, KEY)
+        np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-6,
+                                   err_msg=f"{factory.__name__}({rule.__name__})")
 
   def test_sharded_equals_unsharded(self):
     honest = helpers.random_rows(13, 7, 32) + 0.5

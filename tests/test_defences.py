@@ -246,6 +246,10 @@ class SpectralFilterTest(parameterized.TestCase):
       got = np.asarray(subsets.best_subset_by_bound(score, jnp.asarray(bounds), n, f,
                                                     elements_per_subset=1))
       np.testing.assert_array_equal(got, expected)
+      # Chunks of 7 subsets (first, second and many rest chunks, the last one padded).
+      small = np.asarray(subsets.best_subset_by_bound(score, jnp.asarray(bounds), n, f,
+                                                      elements_per_subset=2**20 // 7))
+      np.testing.assert_array_equal(small, expected)
       # A score that takes a whole chunk of subsets ([c, f], [c, n - f] -> [c]) finds the same.
       chunked = np.asarray(subsets.best_subset_by_bound(
           lambda removed, kept: jnp.stack([score(r, k) for r, k in zip(removed, kept)]),
@@ -253,6 +257,17 @@ class SpectralFilterTest(parameterized.TestCase):
       np.testing.assert_array_equal(chunked, expected)
       first = np.nanargmin(np.where(np.isnan(values), np.inf, values))
       np.testing.assert_array_equal(np.flatnonzero(got), subsets.kept_sets(n, f)[first])
+
+  def test_pair_sums_against_numpy(self):
+    rng = np.random.default_rng(3)
+    for n, f in ((5, 1), (9, 4), (12, 3)):
+      first, second = np.triu_indices(n, 1)
+      values = rng.integers(-5, 6, size=(len(first), 2)).astype(np.float32)
+      expected = np.array([[values[p] for p in range(len(first))
+                            if first[p] in kept and second[p] in kept]
+                           for kept in map(set, subsets.kept_sets(n, f).tolist())]).sum(1)
+      np.testing.assert_array_equal(np.asarray(subsets.pair_sums(jnp.asarray(values), n, f)),
+                                    expected)
 
   def test_bounds_permutations_pytrees_vmap_and_shards(self):
     for rule in (rules.caf, rules.smea):

@@ -91,6 +91,7 @@ def caf_coefficients(K: jax.Array, f: int, *, max_iters: Optional[int] = None) -
   return jnp.where(jnp.sum(~finite) > f, jnp.nan, best)
 
 
+@gram_lib.rotation_equivariant
 def caf(x, f: int, *, max_iters: Optional[int] = None, axis_name=None):
   r"""Covariance-bound Agnostic Filter: a weighted mean filtered along top eigenvectors.
 

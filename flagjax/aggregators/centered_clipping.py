@@ -145,6 +145,7 @@ def centered_clipping_row_coefficients(x, center=None, *, tau: float = 10.0,
   return centered_clipping_coefficients(K, tau=tau, num_iters=num_iters)
 
 
+@gram_lib.rotation_equivariant
 def centered_clipping(x, center=None, *, tau: float = 10.0, num_iters: int = 3,
                       axis_name=None):
   r"""Centered clipping: clipped mean steps around a centre.

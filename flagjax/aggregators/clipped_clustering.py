@@ -55,6 +55,7 @@ def clipped_clustering_coefficients(K: jax.Array, *, tau: Optional[float] = None
   return jnp.where(jnp.any(finite), coefficients, jnp.nan)
 
 
+@gram_lib.rotation_equivariant
 def clipped_clustering(x, *, tau: Optional[float] = None, axis_name=None):
   r"""Clipped Clustering: the mean of the larger cosine cluster, rows clipped to a norm.
 

@@ -72,7 +72,9 @@ def dnc(x, f: int, key, *, num_iters: int = 5, subsample_size: int = 10_000,
   give NaN.
 
   Costs one pass to find non-finite rows, ``num_iters`` gathers of ``n x subsample_size`` values,
-  ``num_iters`` ``n x n`` eigenproblems and one pass to combine. On coordinate shards each
+  ``num_iters`` ``n x n`` eigenproblems and one pass to combine (one iteration when
+  ``subsample_size >= d``: every subset is then all coordinates, the same each time, and so
+  is every iteration's outcome). On coordinate shards each
   device gathers its part of the same subset and the subsample Grams are ``psum``-ed.
 
   Args:
@@ -99,6 +101,10 @@ def dnc(x, f: int, key, *, num_iters: int = 5, subsample_size: int = 10_000,
   finite = ~gram_lib.nonfinite_rows(x, axis_name=axis_name)
   kept_always = finite
   kept = finite
+  if subsample_size >= sampling.num_coordinates(x, axis_name):
+    # Every iteration reads every coordinate (the key is not used): the iterations are
+    # identical, so one gives the same kept rows, bit for bit.
+    num_iters = 1
   for iteration_key in jax.random.split(key, num_iters):
     samples = sampling.sample_coordinates(x, iteration_key, subsample_size,
                                           axis_name=axis_name)

@@ -596,6 +596,7 @@ def flag_solve(x, *, rank: Optional[int] = None, lam=0.0, max_iters=DEFAULT_MAX_
   return FlagResult(gram_lib.combine(solution.coefficients, x), *solution)
 
 
+@gram_lib.rotation_equivariant
 def flag(x, *, rank: Optional[int] = None, lam=0.0, max_iters=DEFAULT_MAX_ITERS,
          tol=1e-6, eps=1e-7,
          scale: str = "norm", num_starts: int = DEFAULT_NUM_STARTS, axis_name=None):

@@ -40,6 +40,7 @@ def trust_coefficients(norms: jax.Array, dots: jax.Array, server_norm: jax.Array
   return jnp.where(jnp.isfinite(server_norm), coefficients, jnp.nan)
 
 
+@gram_lib.rotation_equivariant
 def fltrust(x, server_update, *, axis_name=None):
   r"""FLTrust: workers weighted by their positive cosine with the server's update, each
   rescaled to its norm.

@@ -128,6 +128,7 @@ def geometric_median_coefficients(K: jax.Array, *, max_iters: int = 100, tol: fl
   return jax.lax.while_loop(cond, body, init).coefficients
 
 
+@gram_lib.rotation_equivariant
 def geometric_median(x, *, max_iters: int = 100, tol: float = 1e-6, nu: float = 1e-8,
                      axis_name=None):
   r"""Geometric median :math:`\arg\min_z \sum_i |x_i - z|` by smoothed Weiszfeld iterations.

@@ -236,6 +236,7 @@ def bulyan_selection(K: jax.Array, f: int) -> jax.Array:
   return ~remaining
 
 
+@gram_lib.rotation_equivariant
 def krum(x, f: int, *, axis_name=None):
   r"""Krum: the worker update whose ``n - f - 2`` nearest neighbours are nearest.
 
@@ -267,6 +268,7 @@ def krum(x, f: int, *, axis_name=None):
                          valid=~gram_lib.too_many_nonfinite(K, f))
 
 
+@gram_lib.rotation_equivariant
 def multi_krum(x, f: int, m: Optional[int] = None, *, axis_name=None):
   r"""Multi-Krum: the mean of the ``m`` worker updates of least Krum score.
 

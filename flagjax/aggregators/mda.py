@@ -76,6 +76,7 @@ def mda_coefficients(K: jax.Array, f: int) -> jax.Array:
   return gram_lib.nan_beyond_bound(best.astype(dtype) / (n - f), K, f)
 
 
+@gram_lib.rotation_equivariant
 def mda(x, f: int, *, axis_name=None):
   r"""Minimum-diameter averaging: the mean of the ``n - f`` rows of least diameter.
 

@@ -12,6 +12,7 @@ __all__ = [
 ]
 
 
+@gram_lib.rotation_equivariant
 def mean(x, *, axis_name=None):
   r"""Coordinate-wise mean :math:`\frac{1}{n} \sum_i x_i` (the non-robust baseline).
 

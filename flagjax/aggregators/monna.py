@@ -112,6 +112,7 @@ def monna_row_coefficients(x, f: int, idx: int = 0, *, axis_name=None) -> jax.Ar
   return jnp.where(jnp.sum(unusable) > f, jnp.nan, chosen.astype(D.dtype) / (n - f))
 
 
+@gram_lib.rotation_equivariant
 def monna(x, f: int, idx: int = 0, *, axis_name=None):
   r"""MoNNA: the mean of the ``n - f`` rows nearest to row ``idx`` (itself included).
 

@@ -14,6 +14,7 @@ __all__ = [
 ]
 
 
+@gram_lib.rotation_equivariant
 def normalized_mean(x, *, axis_name=None):
   r"""Mean of the rows rescaled to the median norm:
   :math:`\frac{1}{k} \sum_{i \in \text{kept}} \frac{m}{|x_i|} x_i`, with

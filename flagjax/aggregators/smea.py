@@ -3,14 +3,15 @@ r"""SMEA, Smallest Maximum Eigenvalue Averaging (Allouah et al., ICML 2023).
 The mean of the ``n - f`` rows whose empirical covariance has the least top eigenvalue: an
 exact search over all ``C(n, f)`` subsets (:mod:`flagjax.core.subsets`, shared with MDA and
 its limit), each subset's eigenvalue from its ``(n - f) x (n - f)`` centred Gram
-(:mod:`flagjax.core.spectral`), subsets scored in order of a lower bound and left unscored
-once the bound rules them out.
+(:mod:`flagjax.core.spectral`), the subsets of least lower bound scored first and the others
+left unscored once the bound rules them out.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flagjax.core import checks
 from flagjax.core import gram as gram_lib
@@ -110,10 +111,15 @@ def _eigenvalue_bounds(K: jax.Array, finite: jax.Array, n: int, f: int) -> jax.A
   usable = lengths >= 1e-2 * lengths[1]
   q = jnp.where(usable, q / jnp.sqrt(jnp.where(usable, lengths, 1)), 0)
   kept = jnp.asarray(subsets.kept_sets(n, f)).astype(jnp.int32)
-  p = q[kept]                                                # [subsets, n - f, 2]
-  p = p - jnp.mean(p, axis=1, keepdims=True)
-  a, b, c = (jnp.mean(p[..., 0] ** 2, axis=1), jnp.mean(p[..., 0] * p[..., 1], axis=1),
-             jnp.mean(p[..., 1] ** 2, axis=1))
+  # The subset's 2 x 2 covariance of projections, [[a, b], [b, c]], from pairwise
+  # differences, cov_S = 1/m^2 sum_{i < j in S} (p_i - p_j)(p_i - p_j)^T: no cancellation,
+  # and for all subsets at once a product with their pair-membership matrix
+  # (subsets.pair_sums), not a [subsets, n - f, 2] gather.
+  size = n - f
+  first, second = np.triu_indices(n, 1)
+  diff = q[first] - q[second]                                          # [pairs, 2]
+  terms = jnp.stack([diff[:, 0] ** 2, diff[:, 0] * diff[:, 1], diff[:, 1] ** 2], 1)
+  a, b, c = jnp.moveaxis(subsets.pair_sums(terms, n, f) / (size * size), 1, 0)
   bound = 0.5 * (a + c) + jnp.sqrt(0.25 * (a - c) ** 2 + b ** 2)
   # Rounding margins (float32 eps = 1.2e-7): the projections carry errors ~n eps max|G|
   # (relative to |v_k|), i.e. ~n eps sqrt(bound max|G|) on the bound; the subset's own
@@ -130,6 +136,7 @@ def _eigenvalue_bounds(K: jax.Array, finite: jax.Array, n: int, f: int) -> jax.A
   return jnp.where(jnp.all(finite[kept], axis=1), bound, jnp.inf)
 
 
+@gram_lib.rotation_equivariant
 def smea(x, f: int, *, axis_name=None):
   r"""Smallest Maximum Eigenvalue Averaging: the mean of the ``n - f`` rows of least spread.
 
@@ -141,9 +148,9 @@ def smea(x, f: int, *, axis_name=None):
   one pass for ``K``, at most ``C(n, f)`` small eigenvalue problems, one pass to combine.
   A chunk of subsets' problems is solved as one stack, vectorised across the subsets
   (:func:`flagjax.core.spectral.top_eigenvalues_trailing`; at n = 16, f = 4 the 1,820 take
-  ~3 ms). The subsets are scored in order of a lower bound on their eigenvalue (the spread of their
-  projections on the two principal axes of all rows, :func:`_eigenvalue_bounds`) and the
-  search stops when no bound is below the best score
+  ~3 ms). The subsets of least lower bound on their eigenvalue (the spread of their
+  projections on the two principal axes of all rows, :func:`_eigenvalue_bounds`) are scored
+  first, and the search stops when no unscored bound is below the best score
   (:func:`flagjax.core.subsets.best_subset_by_bound`): the exhaustive search's answer, after
   scoring ~1/8 of the subsets on real gradients (digits MLP, 15 workers, f = 7: 6,435
   subsets; the leaderboard's f = 7 runs under every default attack took 65 s instead of

@@ -105,12 +105,17 @@ def _takes_argument(fn: Callable, name: str) -> bool:
                                                       parameter.KEYWORD_ONLY)
 
 
+def _scalar_hparams(rule_kwargs: dict) -> bool:
+  return all(v is None or isinstance(v, (bool, int, float, str)) for v in rule_kwargs.values())
+
+
 def _optimal_attack(name: str, rows_fn, rule: Callable, search_range, num_points: int,
                     num_rounds: int, rule_hparams: dict):
   lower, upper = search_range
   checks.require(name, lower <= upper, "search_range = (lower, upper) with lower <= upper",
                  search_range=search_range)
   rule_name = getattr(rule, "__name__", repr(rule))
+  equivariant = gram_lib.is_rotation_equivariant(rule) and _scalar_hparams(rule_hparams)
 
   def attack(honest: PyTree, f: int, key: Optional[jax.Array] = None, *, axis_name=None):
     h, f = check_counts(name, honest, f)
@@ -125,14 +130,19 @@ def _optimal_attack(name: str, rows_fn, rule: Callable, search_range, num_points
     # server's update (FLTrust) is simulated with the honest mean in its place.
     if "key" not in rule_kwargs and _takes_argument(rule, "key"):
       rule_kwargs["key"] = jax.random.key(0) if key is None else key
-    if "server_update" not in rule_kwargs and _takes_argument(rule, "server_update"):
-      rule_kwargs["server_update"] = jax.tree.map(lambda m, x: m.astype(x.dtype), mean32,
-                                                  jax.tree.map(lambda x: x[0], honest))
-    make_rows = rows_fn(honest32, mean32, h, f, honest)
+    trusts_server = "server_update" not in rule_kwargs and _takes_argument(rule, "server_update")
+    make_rows, base, direction = rows_fn(honest32, mean32, h, f, honest)
     if f == 0:
       return make_rows(jnp.float32(lower))
-    damage = lambda factor: _damage(rule, rule_kwargs, honest, make_rows(factor), mean32,
-                                    axis_name)
+    if equivariant and axis_name is None and _in_compute_dtype(honest):
+      damage = _damage_in_span(rule, rule_kwargs, trusts_server, honest32, mean32, base,
+                               direction, f)
+    else:
+      if trusts_server:
+        rule_kwargs["server_update"] = jax.tree.map(lambda m, x: m.astype(x.dtype), mean32,
+                                                    jax.tree.map(lambda x: x[0], honest))
+      damage = lambda factor: _damage(rule, rule_kwargs, honest, make_rows(factor), mean32,
+                                      axis_name)
     factor, _ = search_factor(damage, lower, upper, num_points=num_points,
                               num_rounds=num_rounds)
     return make_rows(factor)
@@ -140,6 +150,46 @@ def _optimal_attack(name: str, rows_fn, rule: Callable, search_range, num_points
   attack.__name__ = f"{name}_{rule_name}"
   attack.__doc__ = f"{name} against {rule_name} (see flagjax.attacks.{name})."
   return attack
+
+
+def _in_compute_dtype(tree: PyTree) -> bool:
+  """Whether every leaf is already in its compute dtype (the Byzantine rows then need no
+  rounding to the input dtype, which the span coordinates could not reproduce)."""
+  return all(leaf.dtype == tree_lib.compute_dtype(leaf.dtype) for leaf in jax.tree.leaves(tree))
+
+
+def _damage_in_span(rule: Callable, rule_kwargs: dict, trusts_server: bool, honest32: PyTree,
+                    mean32: PyTree, base: PyTree, direction: PyTree, f: int) -> Callable:
+  r"""The damage of a rotation-equivariant rule, evaluated on coordinates in the span.
+
+  Every candidate row ``base + t direction`` lies in the span of the honest rows, the honest
+  mean, ``base`` and ``direction``; a rotation-equivariant rule
+  (:func:`flagjax.core.gram.rotation_equivariant`) gives the same output up to a rotation,
+  and :math:`|\mathrm{rule}(x) - \bar{x}|` the same damage, on the rows' coordinates in an
+  orthonormal basis of that span (``h + 3`` numbers per row, from one Householder QR of the
+  ``d x (h + 3)`` matrix of those vectors). So each of the search's evaluations costs
+  ``O(n^2)`` work on ``[n, h + 3]`` rows instead of a call on ``[n, d]`` rows (the same
+  value to rounding).
+  """
+  h = jax.tree.leaves(honest32)[0].shape[0]
+  single = lambda tree: jax.tree.map(lambda leaf: leaf[None], tree)
+  stacked = [honest32, single(mean32), single(base), single(direction)]
+  columns = jnp.concatenate(
+      [jnp.concatenate([leaf.reshape(leaf.shape[0], -1) for leaf in jax.tree.leaves(part)], 1)
+       for part in stacked], 0)                                    # [h + 3, d]
+  coordinates = jnp.linalg.qr(columns.T, mode="r").T               # [h + 3, min(d, h + 3)]
+  honest_c, mean_c, base_c, direction_c = (coordinates[:h], coordinates[h],
+                                           coordinates[h + 1], coordinates[h + 2])
+  kwargs = dict(rule_kwargs)
+  if trusts_server:
+    kwargs["server_update"] = mean_c
+
+  def damage(factor):
+    row = base_c + factor * direction_c
+    x = jnp.concatenate([honest_c, jnp.broadcast_to(row, (f,) + row.shape)], 0)
+    value = jnp.sqrt(jnp.sum(jnp.square(rule(x, **kwargs) - mean_c)))
+    return jnp.where(jnp.isnan(value), -jnp.inf, value)
+  return damage
 
 
 def optimal_alie(rule: Callable, *, search_range: tuple[float, float] = (0.0, 10.0),
@@ -155,7 +205,16 @@ def optimal_alie(rule: Callable, *, search_range: tuple[float, float] = (0.0, 10
   found by :func:`search_factor` (a zooming grid: ``num_points * num_rounds`` rule
   evaluations per call; jit-able). The honest rows come first and the Byzantine rows last,
   as in :mod:`flagjax.sim`. On coordinate shards (``axis_name`` set) the rule runs on the
-  shards and the damage is ``psum``-ed, so every shard picks the same ``z``.
+  shards and the damage is ``psum``-ed, so every shard picks the same ``z``. A rule marked
+  rotation-equivariant (:func:`flagjax.core.gram.rotation_equivariant`: Krum, CAF, SMEA,
+  flag, ...) with scalar hyperparameters, on float32/float64 rows and unsharded, is
+  evaluated on the rows' coordinates in the span of the honest rows, their mean and
+  :math:`\sigma` (``h + 3`` numbers per row, one QR): the same damage to rounding, at
+  ``O(n^2)`` per evaluation instead of a call on the ``d``-dimensional rows. Measured (digits
+  MLP, 15 workers, f = 5, 12 runs vmapped, 200 steps): Krum's two optimal attacks 20.1 s ->
+  4.9 s with every run's accuracy identical; flag's optimal ALIE 24.3 s -> 16.5 s (its IRLS
+  ``eigh`` calls remain), accuracies within the chaotic spread of a run (the damages agree to
+  ~6e-5 relative, the IRLS's float32 rounding).
 
   Args:
     rule: the attacked aggregation rule, ``rule(x, **rule_hparams)``; when it takes an ``f``
@@ -176,7 +235,7 @@ def optimal_alie(rule: Callable, *, search_range: tuple[float, float] = (0.0, 10
   """
   def rows_fn(honest32, mean32, h, f, like):
     std32 = honest_std(honest32, mean32, h)
-    return lambda z: alie_rows(honest32, mean32, std32, z, f, like)
+    return lambda z: alie_rows(honest32, mean32, std32, z, f, like), mean32, std32
   return _optimal_attack("optimal_alie", rows_fn, rule, search_range, num_points, num_rounds,
                          rule_hparams)
 
@@ -205,7 +264,8 @@ def optimal_ipm(rule: Callable, *, search_range: tuple[float, float] = (0.0, 10.
   """
   def rows_fn(honest32, mean32, h, f, like):
     del honest32, h
-    return lambda eps: repeat_row(jax.tree.map(lambda m: -eps * m, mean32), f, like)
+    return (lambda eps: repeat_row(jax.tree.map(lambda m: -eps * m, mean32), f, like),
+            jax.tree.map(jnp.zeros_like, mean32), jax.tree.map(jnp.negative, mean32))
   return _optimal_attack("optimal_ipm", rows_fn, rule, search_range, num_points, num_rounds,
                          rule_hparams)
 

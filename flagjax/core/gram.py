@@ -23,6 +23,7 @@ NaN/Inf row with ``c_i = 0`` leak.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import jax
@@ -41,11 +42,13 @@ __all__ = [
     "combine_many",
     "finite_rows",
     "gram",
+    "is_rotation_equivariant",
     "median_norm_row",
     "nan_beyond_bound",
     "nearest_mask",
     "nonfinite_rows",
     "norms",
+    "rotation_equivariant",
     "row_norms",
     "select",
     "sq_distances",
@@ -384,6 +387,28 @@ def translation_invariant(coefficients_fn):
 def wants_centered(coefficients_fn) -> bool:
   """Whether ``coefficients_fn`` was marked by :func:`translation_invariant`."""
   return bool(getattr(coefficients_fn, "centered_gram", False))
+
+
+def rotation_equivariant(rule):
+  """Marks an aggregation rule as rotation-equivariant: ``rule(x Q) = rule(x) Q`` for every
+  orthogonal ``Q`` (applied to each row), its output depending on the rows only through their
+  inner products (and on scalar hyperparameters).
+
+  The optimal attacks (:func:`flagjax.attacks.optimal_alie`) then evaluate such a rule on
+  the rows' coordinates in an orthonormal basis of their span (``n + 2`` numbers per row)
+  instead of on the ``d``-dimensional rows. Coordinate-wise rules, and rules that sample
+  coordinates, must not be marked (a test checks every marked rule against random rotations).
+  """
+  rule.rotation_equivariant = True
+  return rule
+
+
+def is_rotation_equivariant(rule) -> bool:
+  """Whether ``rule`` (or the function a ``functools.partial`` wraps) was marked by
+  :func:`rotation_equivariant`."""
+  while isinstance(rule, functools.partial):
+    rule = rule.func
+  return bool(getattr(rule, "rotation_equivariant", False))
 
 
 # From this many rows on, :func:`combine` is a matrix-vector product (see there).

@@ -7,7 +7,7 @@ are built once per ``(n, f)`` in numpy, listed so that index order is the lexico
 of the kept sets, and the score is evaluated in chunks (``jax.lax.map`` with a batch size) so
 memory stays bounded. The first minimum wins: ties go to the lowest lexicographic kept set.
 Where a cheap lower bound of every subset's score is known, :func:`best_subset_by_bound`
-scores the subsets in order of their bounds and stops once no bound is left below the best
+scores the subsets of least bound first, then only those whose bound is still below the best
 score: the same answer, after scoring only the subsets that could win.
 
 One stated limit for every such rule: ``C(n, f) <= MAX_SUBSETS`` (100000), refused beyond with
@@ -33,6 +33,7 @@ __all__ = [
     "best_subset_by_bound",
     "check_subset_search",
     "kept_sets",
+    "pair_sums",
     "removed_sets",
 ]
 
@@ -100,6 +101,32 @@ def best_subset(score: Callable[[jax.Array, jax.Array], jax.Array], n: int, f: i
   return _row_mask(n, kept[jnp.argmin(scores)])
 
 
+def pair_sums(values: jax.Array, n: int, f: int) -> jax.Array:
+  r"""For every kept set ``S`` (in :func:`kept_sets` order), the sum of ``values`` over its
+  pairs: ``out[s] = sum_{i < j in S} values[pair(i, j)]``.
+
+  ``values`` is ``[n (n - 1) / 2, ...]``, its pairs in ``numpy.triu_indices(n, 1)`` order. One
+  product with the subsets' 0/1 pair-membership matrix, built per chunk of subsets from the
+  removed sets (``lax.map``; chunks of at most ``2**20`` matrix entries), so no
+  ``[C(n, f), n - f, ...]`` gather and no constant of ``C(n, f) x n^2`` entries.
+
+  Returns:
+    ``[C(n, f), ...]``.
+  """
+  first, second = np.triu_indices(n, 1)
+  removed = jnp.asarray(removed_sets(n, f)).astype(jnp.int32)
+  num_subsets = removed.shape[0]
+  flat = values.reshape(values.shape[0], -1)
+
+  def subset_sums(removed_row):   # one subset; lax.map vmaps it over a chunk: one product
+    member = jnp.ones((n,), values.dtype).at[removed_row].set(0)
+    return jnp.matmul(member[first] * member[second], flat, precision=jax.lax.Precision.HIGHEST)
+
+  batch = max(1, min(num_subsets, _CHUNK_ELEMENTS // max(1, len(first))))
+  out = jax.lax.map(subset_sums, removed, batch_size=batch)
+  return out.reshape((num_subsets,) + values.shape[1:])
+
+
 def _row_mask(n: int, rows: jax.Array) -> jax.Array:
   """``[n]`` bool, True on ``rows`` (one kept set)."""
   return jnp.zeros((n,), bool).at[rows.astype(jnp.int32)].set(True)
@@ -112,17 +139,28 @@ def best_subset_by_bound(score: Callable[[jax.Array, jax.Array], jax.Array],
 
   ``lower_bounds[s]`` must satisfy :math:`\mathrm{bound}_s \le \mathrm{score}_s` for every
   subset ``s`` (in :func:`kept_sets` order; the caller lowers its bounds by the rounding of
-  the two computations). The subsets are scored in chunks, in increasing order of their
-  bounds (a ``lax.while_loop``), and the search stops when the next bound exceeds the best
-  score so far: every subset left then scores strictly more
-  than the best, so the minimum, ties to the lowest lexicographic kept set included, is the
-  one :func:`best_subset` finds. A NaN bound is scored first; NaN scores count as ``+inf``.
+  the two computations). A subset is a *candidate* while its bound is at most the best score
+  so far; the search scores candidates in chunks and stops when none is left, so every subset
+  left unscored scores strictly more than the best, and the minimum, ties to the lowest
+  lexicographic kept set included, is the one :func:`best_subset` finds (the tie rule is
+  applied across chunks, so the order in which they are scored does not matter). A NaN bound
+  is a candidate until scored; NaN scores count as ``+inf``.
 
-  The first chunk holds ``max(64, C(n, f) / 8)`` subsets, and is often all that is scored
-  when the bounds are tight; the rest, scored only when a bound leaves room (i.i.d.
-  high-dimensional rows, whose subsets' scores all lie within a percent), go in chunks as
-  large as memory allows (temporaries of at most ``2**20`` elements, like
-  :func:`best_subset`).
+  The chunks, each a ``lax.while_loop`` that stops once no candidate is left (under ``vmap``:
+  once no member of the batch has one):
+
+  1. the ``k = max(64, C(n, f) / 8)`` subsets of least bound (``lax.top_k``; no full sort),
+     often all that is scored when the bounds are tight;
+  2. at most once, the candidates left when there are at most ``k`` of them, so that a
+     batch in which a few members need a few more subsets pays a chunk of ``k``, not the
+     whole rest (where more are left, step 3 scores them all at once);
+  3. the candidates still left, in chunks as large as memory allows (temporaries of at most
+     ``2**20`` elements, like :func:`best_subset`): i.i.d. high-dimensional rows, whose
+     subsets' scores all lie within a percent, need nearly every subset scored.
+
+  Measured (SMEA, 15 digits-MLP workers, f = 5, under its optimal ALIE, 12 runs vmapped): a
+  training run 1.4x faster than with one chunk of the whole rest after step 1, and a full
+  sort of the bounds in its place (5.5 ms per call for 12 x 3,003 bounds, against 1.9 ms).
 
   Args:
     score: as in :func:`best_subset`.
@@ -142,36 +180,50 @@ def best_subset_by_bound(score: Callable[[jax.Array, jax.Array], jax.Array],
   cap = max(1, _CHUNK_ELEMENTS // max(1, elements_per_subset))
   first_size = max(1, min(max(64, -(-num_subsets // 8)), num_subsets, cap))
   rest = num_subsets - first_size
-  pieces = max(1, -(-rest // cap))
-  size = max(1, -(-rest // pieces))     # balanced: as large as memory allows, little padding
-  padded = first_size + -(-rest // size) * size
+  second_size = min(first_size, rest)
+  rest_size = max(1, -(-rest // max(1, -(-rest // cap))))   # balanced, as large as memory allows
   bounds = jnp.where(jnp.isnan(lower_bounds), -jnp.inf, lower_bounds)
-  order = jnp.argsort(bounds, stable=True).astype(jnp.int32)
-  sorted_bounds = jnp.concatenate([bounds[order], jnp.full((padded - num_subsets + 1,),
-                                                           jnp.inf, bounds.dtype)])
-  order = jnp.concatenate([order, jnp.zeros((padded - num_subsets,), jnp.int32)])
-  valid = jnp.arange(padded) < num_subsets
   dtype = jnp.result_type(lower_bounds.dtype, jnp.float32)
   no_index = jnp.int32(num_subsets)
 
-  def score_chunk(state, chunk_size):
-    start, best_score, best_index = state
-    index = jax.lax.dynamic_slice_in_dim(order, start, chunk_size)
+  def score_chunk(index, state):
+    """Scores the subsets ``index`` (``num_subsets``: an empty slot)."""
+    best_score, best_index, scored = state
+    usable = index < num_subsets
+    index = jnp.minimum(index, num_subsets - 1)
     scores = (score if batched else jax.vmap(score))(removed[index], kept[index]).astype(dtype)
-    usable = jax.lax.dynamic_slice_in_dim(valid, start, chunk_size)
     scores = jnp.where(usable & ~jnp.isnan(scores), scores, jnp.inf)
     least = jnp.min(scores)
     least_index = jnp.min(jnp.where(usable & (scores == least), index, no_index))
     better = (least < best_score) | ((least == best_score) & (least_index < best_index))
-    return (start + chunk_size, jnp.where(better, least, best_score),
-            jnp.where(better, least_index, best_index))
+    return (jnp.where(better, least, best_score), jnp.where(better, least_index, best_index),
+            scored.at[index].max(usable))
 
-  def more(state):
-    start, best_score, _ = state
-    return (start < padded) & (sorted_bounds[start] <= best_score)
+  def candidates(state):
+    best_score, _, scored = state
+    return ~scored & (bounds <= best_score)
 
-  # The first chunk always; the rest only while a bound leaves room (under vmap: while any
-  # member's does), in chunks as large as memory allows.
-  state = score_chunk((jnp.int32(0), jnp.asarray(jnp.inf, dtype), no_index), first_size)
-  _, _, best_index = jax.lax.while_loop(more, lambda st: score_chunk(st, size), state)
-  return _row_mask(n, kept[jnp.minimum(best_index, num_subsets - 1)])
+  def score_candidates(size):
+    def body(carry):
+      state, count = carry
+      index = jnp.nonzero(candidates(state), size=size, fill_value=num_subsets)[0]
+      return score_chunk(index.astype(jnp.int32), state), count + 1
+    return body
+
+  def search(max_chunks, size, state, only_if_it_finishes=False):
+    if size < 1 or rest == 0:
+      return state
+
+    def go_on(carry):
+      state, count = carry
+      left = jnp.sum(candidates(state))
+      fits = (left <= size) if only_if_it_finishes else True
+      return (count < max_chunks) & (left > 0) & fits
+    return jax.lax.while_loop(go_on, score_candidates(size), (state, jnp.int32(0)))[0]
+
+  first = jax.lax.top_k(-bounds, first_size)[1].astype(jnp.int32)   # ties: the lower index
+  state = score_chunk(first, (jnp.asarray(jnp.inf, dtype), no_index,
+                              jnp.zeros((num_subsets,), bool)))
+  state = search(1, second_size, state, only_if_it_finishes=True)
+  state = search(num_subsets, rest_size, state)
+  return _row_mask(n, kept[jnp.minimum(state[1], num_subsets - 1)])
