@@ -253,8 +253,8 @@ class AdaptiveAttackTest(chex.TestCase):
       tree = {"w": jnp.asarray(honest[:, :32].reshape(h, 4, 8)), "b": jnp.asarray(honest[:, 32:])}
       mean = adaptive.honest_mean(tree, h)
       std = adaptive.honest_std(tree, mean, h)
-      in_span = jax.jit(jax.vmap(adaptive._damage_in_span(rule, kwargs, server, tree, mean,
-                                                          mean, std, f)))
+      in_span = jax.jit(jax.vmap(adaptive._damage_in_span(rule, kwargs, server, tree, h,
+                                                          mean, mean, std, f)))
       rule_kwargs = dict(kwargs, **({"server_update": mean} if server else {}))
       on_rows = jax.jit(jax.vmap(lambda z: adaptive._damage(
           rule, rule_kwargs, tree, adaptive.alie_rows(tree, mean, std, z, f, tree), mean, None)))

@@ -42,9 +42,9 @@ def _damage(rule: Callable, rule_kwargs: dict, honest: PyTree, byzantine: PyTree
            for a, m in zip(jax.tree.leaves(aggregate), jax.tree.leaves(mean32)))
   if axis_name is not None:
     sq = jax.lax.psum(sq, axis_name)
-  damage = jnp.sqrt(sq)
-  # A rule that breaks (NaN) is not a damage the search should chase.
-  return jnp.where(jnp.isnan(damage), -jnp.inf, damage)
+  # A rule that breaks (NaN) is not a damage the search chases: search_factor counts NaN as
+  # -inf.
+  return jnp.sqrt(sq)
 
 
 def search_factor(objective: Callable[[jax.Array], jax.Array], lower: float, upper: float, *,
@@ -135,7 +135,7 @@ def _optimal_attack(name: str, rows_fn, rule: Callable, search_range, num_points
     if f == 0:
       return make_rows(jnp.float32(lower))
     if equivariant and axis_name is None and _in_compute_dtype(honest):
-      damage = _damage_in_span(rule, rule_kwargs, trusts_server, honest32, mean32, base,
+      damage = _damage_in_span(rule, rule_kwargs, trusts_server, honest32, h, mean32, base,
                                direction, f)
     else:
       if trusts_server:
@@ -159,7 +159,8 @@ def _in_compute_dtype(tree: PyTree) -> bool:
 
 
 def _damage_in_span(rule: Callable, rule_kwargs: dict, trusts_server: bool, honest32: PyTree,
-                    mean32: PyTree, base: PyTree, direction: PyTree, f: int) -> Callable:
+                    h: int, mean32: PyTree, base: PyTree, direction: PyTree,
+                    f: int) -> Callable:
   r"""The damage of a rotation-equivariant rule, evaluated on coordinates in the span.
 
   Every candidate row ``base + t direction`` lies in the span of the honest rows, the honest
@@ -171,7 +172,6 @@ def _damage_in_span(rule: Callable, rule_kwargs: dict, trusts_server: bool, hone
   ``O(n^2)`` work on ``[n, h + 3]`` rows instead of a call on ``[n, d]`` rows (the same
   value to rounding).
   """
-  h = jax.tree.leaves(honest32)[0].shape[0]
   single = lambda tree: jax.tree.map(lambda leaf: leaf[None], tree)
   stacked = [honest32, single(mean32), single(base), single(direction)]
   columns = jnp.concatenate(
@@ -187,8 +187,7 @@ def _damage_in_span(rule: Callable, rule_kwargs: dict, trusts_server: bool, hone
   def damage(factor):
     row = base_c + factor * direction_c
     x = jnp.concatenate([honest_c, jnp.broadcast_to(row, (f,) + row.shape)], 0)
-    value = jnp.sqrt(jnp.sum(jnp.square(rule(x, **kwargs) - mean_c)))
-    return jnp.where(jnp.isnan(value), -jnp.inf, value)
+    return jnp.sqrt(jnp.sum(jnp.square(rule(x, **kwargs) - mean_c)))   # NaN: see _damage
   return damage
 
 
