@@ -48,7 +48,16 @@ DEFAULT_FS = (1, 3, 5, 7)
 DEFAULT_ALPHAS = (None, 1.0, 0.3, 0.1)   # None: IID
 DEFAULT_SEEDS = (0, 1, 2)
 DEFAULT_STEPS = 200
-DEFAULT_JOBS = max(1, min(2, os.cpu_count() or 1))
+
+
+def _available_cores() -> list:
+  """The cores this process may run on (its affinity where the OS tells it)."""
+  if hasattr(os, "sched_getaffinity"):
+    return sorted(os.sched_getaffinity(0))
+  return list(range(os.cpu_count() or 1))
+
+
+DEFAULT_JOBS = min(2, len(_available_cores()))
 
 # The main job: the setting that separates the rules (15 workers, 6 Byzantine, Dirichlet 0.3
 # non-IID shards), a few rules and attacks, in about half a minute on 2 cores.
@@ -298,8 +307,21 @@ def _claim(claims: str, rule: str, f: int, attacks: Sequence[str]) -> bool:
     return False
 
 
-def _work(board: Board, out_dir: str, claims: str) -> None:
-  """One of :func:`run_board_in_processes`' processes (started fresh: its own JAX)."""
+def _cores_of(index: int, jobs: int) -> Optional[list]:
+  """The cores process ``index`` of ``jobs`` is pinned to: the available cores split into
+  ``jobs`` disjoint, near-equal sets; ``None`` (not pinned) with fewer cores than processes
+  or where the OS cannot pin a process."""
+  cores = _available_cores()
+  if not hasattr(os, "sched_setaffinity") or jobs < 2 or len(cores) < jobs:
+    return None
+  return cores[index * len(cores) // jobs:(index + 1) * len(cores) // jobs]
+
+
+def _work(board: Board, out_dir: str, claims: str, cores: Optional[list] = None) -> None:
+  """One of :func:`run_board_in_processes`' processes (started fresh: its own JAX), pinned
+  to ``cores`` before JAX starts its CPU backend, which sizes its thread pool by them."""
+  if cores is not None:
+    os.sched_setaffinity(0, cores)
   run_board(board, out_dir, "", progress=False, claims=claims,
             log=lambda line: print(line, flush=True))
 
@@ -309,12 +331,17 @@ def run_board_in_processes(board: Board, out_dir: str, command: str, jobs: int, 
   """:func:`run_board` with ``jobs`` processes sharing the groups, then the summary.
 
   Each process takes the next group no process has claimed (a claim file created
-  exclusively), so the groups are shared as they come, whatever each costs. On 2 cores much
-  of a group's time runs on one: compilation, and the ``n x n`` eigensolves and sorting
-  networks of small rules (measured: two slices of the grid, 18 s and 13 s one after the
-  other, took 22 s side by side). The runs and their results are those of ``jobs = 1``;
-  each process writes its runs into the same store as they finish, so a killed run resumes
-  as usual (a process whose parent was killed stops before its next group).
+  exclusively), so the groups are shared as they come, whatever each costs. Each process is
+  pinned to its own share of the cores (:func:`_cores_of`), so that XLA sizes its thread pool
+  to them: a group's time mostly runs on one core (compilation, the ``n x n`` eigensolves and
+  sorting networks of small rules; mean and CAF at f = 5 took 14.0 and 32.3 s on one core
+  against 12.7 and 30.1 s on two), and two unpinned processes, each with a two-thread pool
+  on the same two cores, ran each group ~1.5-2x slower (25.1 and 45.6 s side by side; pinned,
+  14.0 and 33.2 s). The runs and their results are those of ``jobs = 1`` (the thread count
+  does not change XLA's CPU results: the 240 runs of that slice were identical bit for bit
+  in one process, in two, and on one core); each process writes its runs into the same
+  store as they finish, so a killed run resumes as usual (a process whose parent was killed
+  stops before its next group).
   """
   import multiprocessing
   import shutil
@@ -334,8 +361,9 @@ def run_board_in_processes(board: Board, out_dir: str, command: str, jobs: int, 
   shutil.rmtree(claims, ignore_errors=True)   # a killed run's claims are stale
   os.makedirs(claims)
   context = multiprocessing.get_context("spawn")
-  workers = [context.Process(target=_work, args=(board, out_dir, claims), daemon=True)
-             for _ in range(jobs)]
+  workers = [context.Process(target=_work, args=(board, out_dir, claims, _cores_of(i, jobs)),
+                             daemon=True)
+             for i in range(jobs)]
   start = time.perf_counter()
   for worker in workers:
     worker.start()
@@ -600,9 +628,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "experiments.sweep (one at a time), and report the ratio")
   parser.add_argument("--no-progress", action="store_true", help="no progress bar")
   parser.add_argument("--jobs", type=int, default=DEFAULT_JOBS,
-                      help="processes sharing the (rule, f) groups, same results (default: "
+                      help="processes sharing the (rule, f) groups, each on its own share "
+                           "of the cores, same results (default: "
                            f"{DEFAULT_JOBS}, the cores here up to 2: on 2 cores two processes "
-                           "run a grid ~1.4x faster, much of a group's time using one core)")
+                           "run a grid ~1.5-2x faster, a group's time mostly using one core)")
   return parser
 
 
