@@ -192,7 +192,11 @@ def plot_heatmap(path: str, values: np.ndarray, row_labels: Sequence[str],
   plt = _pyplot()
   values = np.asarray(values, dtype=np.float64)
   rows, cols = values.shape
-  fig, ax = plt.subplots(figsize=(1.0 + 0.95 * cols, 0.9 + 0.5 * rows))
+  # A cell is as wide as its longest line of text (~0.075 in per character at font size 8).
+  longest = max((len(line) for row in (texts if texts is not None else []) for text in row
+                 for line in str(text).splitlines()), default=0)
+  width = max(0.95, 0.075 * longest + 0.2)
+  fig, ax = plt.subplots(figsize=(1.0 + width * cols, 0.9 + 0.5 * rows))
   cmap = plt.get_cmap("viridis").with_extremes(bad="#dddddd")
   ax.imshow(np.ma.masked_invalid(values), cmap=cmap, vmin=0, vmax=1, aspect="auto")
   for r in range(rows):
