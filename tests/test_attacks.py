@@ -224,17 +224,19 @@ class AdaptiveAttackTest(chex.TestCase):
                                      "fltrust", "geometric_median", "krum", "mda", "mean",
                                      "monna", "multi_krum", "normalized_mean", "smea"]))
 
-    def call(name, rows, rotation):
+    def compiled(name):   # one compilation per rule for both calls (same shapes)
       rule = getattr(aggregators, name)
       kwargs = {"f": 2} if "f" in inspect.signature(rule).parameters else {}
       if name == "fltrust":
-        kwargs["server_update"] = x.mean(0) @ rotation
-      return np.asarray(rule(rows, **kwargs))
+        return jax.jit(lambda rows, server: rule(rows, server_update=server, **kwargs))
+      return jax.jit(lambda rows, server: rule(rows, **kwargs))
     for name in marked + ["median", "trimmed_mean"]:
-      rotated_input = call(name, x @ q, q)
-      rotated_output = call(name, x, np.eye(12, dtype=np.float32)) @ q
-      equal = np.allclose(rotated_input, rotated_output, rtol=1e-4, atol=1e-4)
-      # Coordinate-wise rules are not equivariant: the check can tell.
+      call = compiled(name)
+      rotated_input = np.asarray(call(x @ q, x.mean(0) @ q))
+      rotated_output = np.asarray(call(x, x.mean(0))) @ q
+      # 1e-3: flag's float32 IRLS (20 updates, compiled) rounds to ~2e-4 of its output's scale
+      # (~1) apart; the coordinate-wise rules miss by 0.25-0.65 here, so the check can tell.
+      equal = np.allclose(rotated_input, rotated_output, rtol=1e-3, atol=1e-3)
       self.assertEqual(equal, name in marked, name)
 
   @parameterized.parameters("krum", "caf", "smea", "flag", "centered_clipping", "fltrust",
@@ -249,27 +251,33 @@ class AdaptiveAttackTest(chex.TestCase):
              np.concatenate([helpers.random_rows(33, h, 20) * 1e-3,
                              np.full((h, 20), 2.0, np.float32)], 1)]  # constant columns
     cases[1][2] = cases[1][0]
-    for honest in cases:
-      tree = {"w": jnp.asarray(honest[:, :32].reshape(h, 4, 8)), "b": jnp.asarray(honest[:, 32:])}
+    rule_kwargs = lambda mean: dict(kwargs, **({"server_update": mean} if server else {}))
+    factors = jnp.asarray([0.0, 0.6, 2.5, 9.0], jnp.float32)
+
+    def both(tree):   # the damages of ALIE rows with these factors, in the span and on rows
       mean = adaptive.honest_mean(tree, h)
       std = adaptive.honest_std(tree, mean, h)
-      in_span = jax.jit(jax.vmap(adaptive._damage_in_span(rule, kwargs, server, tree, h,
-                                                          mean, mean, std, f)))
-      rule_kwargs = dict(kwargs, **({"server_update": mean} if server else {}))
-      on_rows = jax.jit(jax.vmap(lambda z: adaptive._damage(
-          rule, rule_kwargs, tree, adaptive.alie_rows(tree, mean, std, z, f, tree), mean, None)))
-      factors = jnp.asarray([0.0, 0.6, 2.5, 9.0], jnp.float32)
-      expected = np.asarray(on_rows(factors))
-      np.testing.assert_allclose(in_span(factors), expected,
+      in_span = jax.vmap(adaptive._damage_in_span(rule, kwargs, server, tree, h, mean, mean,
+                                                  std, f))
+      on_rows = jax.vmap(lambda z: adaptive._damage(
+          rule, rule_kwargs(mean), tree, adaptive.alie_rows(tree, mean, std, z, f, tree),
+          mean, None))
+      return in_span(factors), on_rows(factors)
+
+    both = jax.jit(both)   # one compilation for the three inputs (same shapes)
+    for honest in cases:
+      tree = {"w": jnp.asarray(honest[:, :32].reshape(h, 4, 8)), "b": jnp.asarray(honest[:, 32:])}
+      got, expected = map(np.asarray, both(tree))
+      np.testing.assert_allclose(got, expected,
                                  atol=1e-3 * max(1.0, float(np.max(expected))), err_msg=name)
 
   def test_optimal_attack_on_a_marked_rule_matches_the_search_on_rows(self):
     # The same search through the rule on the d-dimensional rows (a wrapper hides the mark):
-    # the same factor, hence the same rows.
+    # the same factor, hence the same rows. (SMEA's span damage is checked above; its search
+    # here would add ~25 s of compilation and nothing the search does differently.)
     honest = helpers.random_rows(14, 9, 24) + 0.5
     f = 4
-    for rule in (aggregators.krum, aggregators.caf, aggregators.smea,
-                 aggregators.geometric_median):
+    for rule in (aggregators.krum, aggregators.caf, aggregators.geometric_median):
       unmarked = lambda x, rule=rule, **kw: rule(x, **kw)
       unmarked.__signature__ = inspect.signature(rule)
       for factory in (attacks.optimal_alie, attacks.optimal_ipm):
