@@ -480,7 +480,9 @@ def markdown(summary: dict, command: str, timing: Optional[dict] = None) -> str:
 
 def write_outputs(out_dir: str, board: Board, done: dict, command: str,
                   timing: Optional[dict] = None) -> dict:
-  """``leaderboard.json``, ``table.md``, a heatmap per rule and the best-rule heatmap."""
+  """``leaderboard.json``, ``table.md``, a heatmap per rule and the best-rule heatmap; when
+  the board mixes rules that trust a server's root set (FLTrust's ``server_update``) with
+  rules that do not, also ``best-rule-without-root-data.png``, the best of the latter."""
   import numpy as np
   summary = summarize(board, done)
   summary["command"] = command
@@ -489,24 +491,44 @@ def write_outputs(out_dir: str, board: Board, done: dict, command: str,
                            markdown(summary, command, timing))
   cols = [alpha_label(a) for a in board.alphas]
   rows = [f"f = {f}" for f in board.fs]
-  best = np.full((len(board.fs), len(board.alphas)), np.nan)
-  best_text = np.full(best.shape, "n/a", dtype=object)
+  worst = {}
   for rule in board.labels:
-    values = np.full(best.shape, np.nan)
+    values = np.full((len(board.fs), len(board.alphas)), np.nan)
     for i, f in enumerate(board.fs):
       for j, alpha in enumerate(board.alphas):
         cell = _cell(summary, rule, f, alpha)
         if cell["status"] in ("ok", "partial"):
           values[i, j] = cell["worst"]["mean"]
-          if not values[i, j] <= best[i, j]:
-            best[i, j] = values[i, j]
-            best_text[i, j] = f"{rule}\n{values[i, j]:.2f}"
+    worst[rule] = values
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in rule)
     report.plot_heatmap(os.path.join(out_dir, f"heatmap-{safe}.png"), values, rows, cols,
                         title=f"{rule}: worst-case test accuracy")
-  report.plot_heatmap(os.path.join(out_dir, "best-rule.png"), best, rows, cols,
-                      title="best rule per cell (worst case over attacks)", texts=best_text)
+  trusting = {label for rule, label in zip(board.rules, board.labels)
+              if specs.takes_server_update(specs.parse_spec(rule, "rule"))}
+  charts = [("best-rule.png", board.labels, "best rule per cell (worst case over attacks)")]
+  if trusting and len(trusting) < len(board.labels):
+    charts.append(("best-rule-without-root-data.png",
+                   [label for label in board.labels if label not in trusting],
+                   "best rule per cell without a server root set (worst case over attacks)"))
+  for name, labels, title in charts:
+    best, texts = _best_per_cell({label: worst[label] for label in labels})
+    report.plot_heatmap(os.path.join(out_dir, name), best, rows, cols, title=title,
+                        texts=texts)
   return summary
+
+
+def _best_per_cell(worst: dict):
+  """The highest worst-case accuracy per cell over ``worst`` (``{rule: [fs, alphas]}``, NaN
+  where n/a; ties: the first rule), and the ``"rule\nvalue"`` texts of the cells."""
+  import numpy as np
+  shape = next(iter(worst.values())).shape
+  best = np.full(shape, np.nan)
+  texts = np.full(shape, "n/a", dtype=object)
+  for rule, values in worst.items():
+    better = values > np.where(np.isnan(best), -np.inf, best)
+    best = np.where(better, values, best)
+    texts[better] = [f"{rule}\n{v:.2f}" for v in values[better]]
+  return best, texts
 
 
 # ---------------------------------------------------------------------------------------------
@@ -564,7 +586,8 @@ of --attacks. A cell of the leaderboard is the worst final test accuracy over th
 A rule whose bound on f is broken (e.g. krum needs n >= 2f + 3) shows n/a with the bound.
 
 Outputs in --out: cells/<key>.json (one per run, written atomically), leaderboard.json,
-table.md, heatmap-<rule>.png (f x heterogeneity) and best-rule.png. The runs of one rule
+table.md, heatmap-<rule>.png (f x heterogeneity), best-rule.png and, when the rules include
+one that trusts a server root set (fltrust), best-rule-without-root-data.png. The runs of one rule
 and f share one compiled program (vmap over runs, scan over steps): every heterogeneity
 level, seed and gradient attack (the optimal ones included); data attacks and lossy links
 get a program each. --jobs processes (default: the cores, up to 2), each on its own cores,

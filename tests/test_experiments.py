@@ -610,6 +610,29 @@ def test_leaderboard_processes_are_not_pinned_without_a_core_each(monkeypatch):
   assert leaderboard._cores_of(0, 3) is None and leaderboard._cores_of(0, 1) is None
 
 
+def test_best_rule_per_cell_is_the_highest_worst_case_first_rule_on_ties():
+  nan = float("nan")
+  worst = {"a": np.array([[0.5, nan], [0.9, 0.2]]),
+           "b": np.array([[0.5, nan], [0.3, 0.4]]),
+           "c": np.array([[0.1, nan], [0.9, nan]])}
+  best, texts = leaderboard._best_per_cell(worst)
+  np.testing.assert_array_equal(best, np.fmax.reduce(list(worst.values())))
+  assert texts.tolist() == [["a\n0.50", "n/a"], ["a\n0.90", "b\n0.40"]]
+
+
+def test_leaderboard_charts_the_best_rule_without_root_data_apart(tmp_path):
+  # FLTrust trusts the server's clean examples: a second best-rule chart leaves it out.
+  base = train.Config(dataset="synthetic", num_workers=5, steps=2, eval_every=2, batch_size=8)
+  mixed = leaderboard.Board(base, ["median", "fltrust"], [1], [None], ["sign_flip"], [0])
+  leaderboard.write_outputs(str(tmp_path / "mixed"), mixed, {}, "test")
+  assert (tmp_path / "mixed" / "best-rule-without-root-data.png").exists()
+  for rules in (["median"], ["fltrust"]):
+    alone = leaderboard.Board(base, rules, [1], [None], ["sign_flip"], [0])
+    leaderboard.write_outputs(str(tmp_path / rules[0]), alone, {}, "test")
+    assert (tmp_path / rules[0] / "best-rule.png").exists()
+    assert not (tmp_path / rules[0] / "best-rule-without-root-data.png").exists()
+
+
 def test_leaderboard_killed_and_resumed_matches_one_at_a_time_training(tmp_path, capsys):
   out = tmp_path / "board"
   argv = BOARD + ["--out", str(out)]
