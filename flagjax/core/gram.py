@@ -395,7 +395,8 @@ def rotation_equivariant(rule):
   inner products (and on scalar hyperparameters).
 
   The optimal attacks (:func:`flagjax.attacks.optimal_alie`) then evaluate such a rule on
-  the rows' coordinates in an orthonormal basis of their span (``n + 2`` numbers per row)
+  the rows' coordinates in an orthonormal basis of the span of the honest rows, their mean
+  and the attack's two directions (``h + 3`` numbers per row for ``h`` honest rows)
   instead of on the ``d``-dimensional rows. Coordinate-wise rules, and rules that sample
   coordinates, must not be marked (a test checks every marked rule against random rotations).
   """
