@@ -40,6 +40,7 @@ Unknown extra keyword arguments are ignored (so the sim's extras pass through ``
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 from typing import Callable, NamedTuple, Optional
@@ -310,7 +311,11 @@ def _apply_rule(rule: Callable, rows: PyTree, hparams: dict, *, axis_name, key,
   centered = gram_lib.wants_centered(coefficients_fn)
   if not has_center:
     K = gram_lib.gram(rows, axis_name=axis_name, centered=centered)
-    coefficients = coefficients_fn(K, **coefficient_kwargs)
+    solve = functools.partial(coefficients_fn, **coefficient_kwargs)
+    if gram_lib.wants_solve_once(coefficients_fn):
+      coefficients = gram_lib.solve_once(solve, K, axis_name=axis_name)
+    else:
+      coefficients = solve(K)
     return gram_lib.combine(coefficients, rows), coefficients.astype(jnp.float32)
   # A rule with a centre (centered clipping): the centre is row n of K; its coefficient is
   # the last one. Without a centre, the origin is that row (no pass over zeros).

@@ -358,6 +358,8 @@ class AggregateTest(chex.TestCase):
       ("trimmed_mean", aggregators.trimmed_mean, {"f": 2}),
       ("krum", aggregators.krum, {"f": 2}),
       ("centered_clipping", aggregators.centered_clipping, {"tau": 1.0, "num_iters": 2}),
+      # Solved on one device and shared (gram_lib.solve_once).
+      ("mda", aggregators.mda, {"f": 2}),
       ("momentum", aggregators.trimmed_mean, {"f": 2, "worker_momentum": 0.5,
                                               "num_workers": N}),
   )

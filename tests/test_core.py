@@ -228,6 +228,49 @@ class GramTest(parameterized.TestCase):
     np.testing.assert_allclose(sharded, gram_lib.gram(jnp.asarray(x)), rtol=1e-5, atol=1e-4)
 
 
+  def test_solve_once_runs_on_one_device_and_shares_its_result_exactly(self):
+    K = jnp.asarray(helpers.random_rows(13, 5, 5))
+    calls = []
+
+    def solve(K):
+      jax.debug.callback(lambda: calls.append(1))
+      v = jnp.sum(K, axis=1) / 3
+      # NaN, -0.0 and odd rounding must all arrive bit for bit, as must ints, bools and
+      # 2-byte types.
+      return {"v": v.at[1].set(jnp.nan).at[2].set(-0.0), "count": jnp.sum(K > 0).astype(jnp.int32),
+              "flag": v > 0, "wide": jnp.outer(v, v), "half": v.astype(jnp.bfloat16),
+              "small": (-v * 100).astype(jnp.int16)}
+
+    def sharded(wrap):
+      return jax.jit(jax.shard_map(
+          lambda K: wrap(K), mesh=helpers.coordinate_mesh(),
+          in_specs=jax.sharding.PartitionSpec(), out_specs=jax.sharding.PartitionSpec()))(K)
+
+    expected = solve(K)
+    jax.effects_barrier()
+    calls.clear()
+    once = sharded(lambda K: gram_lib.solve_once(solve, K, axis_name="coords"))
+    jax.effects_barrier()
+    self.assertEqual(len(calls), 1)
+    calls.clear()
+    everywhere = sharded(solve)
+    jax.effects_barrier()
+    self.assertEqual(len(calls), helpers.NUM_DEVICES)
+    for got in (once, everywhere):
+      jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), got, expected)
+      self.assertTrue(np.signbit(got["v"][2]))
+      self.assertEqual(jax.tree.map(lambda a: a.dtype, got),
+                       jax.tree.map(lambda a: a.dtype, expected))
+    # The whole result crosses devices in one psum.
+    jaxpr = jax.make_jaxpr(jax.shard_map(
+        lambda K: gram_lib.solve_once(solve, K, axis_name="coords"),
+        mesh=helpers.coordinate_mesh(), in_specs=jax.sharding.PartitionSpec(),
+        out_specs=jax.sharding.PartitionSpec()))(K)
+    self.assertEqual(str(jaxpr).count("psum"), 1)
+    # Unsharded, it is the solve itself.
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b),
+                 gram_lib.solve_once(solve, K), expected)
+
   def test_row_norms_and_nonfinite_rows_without_the_gram(self):
     x = helpers.random_rows(9, 6, 40)
     x[1] = 1e30                                   # finite: its norm overflows a plain sum

@@ -342,9 +342,11 @@ class FlagTransformsTest(chex.TestCase):
     x = {"a": helpers.random_rows(10, 10, 64), "b": helpers.random_rows(11, 10, 16)}
     rule = functools.partial(aggregators.flag, lam=lam, scale=scale, **FIXED_F32)
     sharded = helpers.run_coordinate_sharded(rule, x)
-    chex.assert_trees_all_close(sharded, rule(x), rtol=1e-4, atol=1e-5)
+    # The psum-ed K rounds differently from the unsharded one and 8 float32 IRLS updates carry
+    # it: ~1e-5 on outputs of size ~0.3 (5e-5 is ~1.5e-4 of the output's scale).
+    chex.assert_trees_all_close(sharded, rule(x), rtol=1e-4, atol=5e-5)
 
-  def test_coordinate_sharded_reduces_one_gram(self):
+  def test_coordinate_sharded_reduces_one_gram_and_shares_one_solve(self):
     x = helpers.random_rows(12, 10, 64)
     fn = jax.shard_map(lambda xs: aggregators.flag(xs, lam=2.0, axis_name="coords"),
                        mesh=helpers.coordinate_mesh(),
@@ -360,7 +362,10 @@ class FlagTransformsTest(chex.TestCase):
           visit(sub)
 
     visit(jax.make_jaxpr(fn)(x).jaxpr)
-    self.assertEqual(reductions, [[(10, 10)]])
+    # The n x n Gram, then the solve's result (coefficients, values, objective, num_iters,
+    # converged: 23 words in one vector) from the one device that ran it
+    # (gram_lib.solve_once): nothing of size d.
+    self.assertEqual(reductions, [[(10, 10)], [(23,)]])
 
   def test_bounds(self):
     x = helpers.random_rows(0, 5, 3)

@@ -30,6 +30,7 @@ def _check(n: int, f: int, max_iters) -> Optional[int]:
   return max_iters
 
 
+@gram_lib.solved_once
 @gram_lib.translation_invariant
 def caf_coefficients(K: jax.Array, f: int, *, max_iters: Optional[int] = None) -> jax.Array:
   r"""Coefficients of CAF: the weights :math:`c / \sum c` of the returned weighted mean.
@@ -125,4 +126,4 @@ def caf(x, f: int, *, max_iters: Optional[int] = None, axis_name=None):
   f = checks.check_num_byzantine("caf", f)
   _check(tree_lib.num_workers("caf", x), f, max_iters)
   return gram_lib.combine_by_gram(x, lambda K: caf_coefficients(K, f, max_iters=max_iters),
-                                  axis_name=axis_name, centered=True)
+                                  axis_name=axis_name, centered=True, once=True)

@@ -101,6 +101,7 @@ References:
 
 from __future__ import annotations
 
+import functools
 import operator
 from typing import NamedTuple, Optional
 
@@ -509,6 +510,7 @@ def flag_solve_gram(K: jax.Array, *, rank: Optional[int] = None, lam=0.0,
       converged=state.converged)
 
 
+@gram_lib.solved_once
 def flag_coefficients(K: jax.Array, *, rank: Optional[int] = None, lam=0.0,
                       max_iters=DEFAULT_MAX_ITERS,
                       tol=1e-6, eps=1e-7, scale: str = "norm",
@@ -591,8 +593,9 @@ def flag_solve(x, *, rank: Optional[int] = None, lam=0.0, max_iters=DEFAULT_MAX_
   """
   tree_lib.num_workers("flag", x)
   K = gram_lib.gram(x, axis_name=axis_name)
-  solution = flag_solve_gram(K, rank=rank, lam=lam, max_iters=max_iters, tol=tol, eps=eps,
-                             scale=scale, num_starts=num_starts)
+  solution = gram_lib.solve_once(
+      functools.partial(flag_solve_gram, rank=rank, lam=lam, max_iters=max_iters, tol=tol,
+                        eps=eps, scale=scale, num_starts=num_starts), K, axis_name=axis_name)
   return FlagResult(gram_lib.combine(solution.coefficients, x), *solution)
 
 

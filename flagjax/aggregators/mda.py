@@ -29,6 +29,7 @@ def _check(n: int, f: int) -> None:
   subsets.check_subset_search("mda", n, f)
 
 
+@gram_lib.solved_once
 @gram_lib.translation_invariant
 def mda_coefficients(K: jax.Array, f: int) -> jax.Array:
   r"""Coefficients of MDA: :math:`1/(n-f)` on the ``n - f`` rows of least diameter.
@@ -107,4 +108,4 @@ def mda(x, f: int, *, axis_name=None):
   f = checks.check_num_byzantine("mda", f)
   _check(tree_lib.num_workers("mda", x), f)
   return gram_lib.combine_by_gram(x, lambda K: mda_coefficients(K, f), axis_name=axis_name,
-                                  centered=True)
+                                  centered=True, once=True)

@@ -25,6 +25,7 @@ __all__ = [
 ]
 
 
+@gram_lib.solved_once
 @gram_lib.translation_invariant
 def smea_coefficients(K: jax.Array, f: int) -> jax.Array:
   r"""Coefficients of SMEA: :math:`1/(n-f)` on the rows of :math:`S^\star`.
@@ -174,4 +175,4 @@ def smea(x, f: int, *, axis_name=None):
   f = checks.check_num_byzantine("smea", f)
   subsets.check_subset_search("smea", tree_lib.num_workers("smea", x), f)
   return gram_lib.combine_by_gram(x, lambda K: smea_coefficients(K, f), axis_name=axis_name,
-                                  centered=True)
+                                  centered=True, once=True)

@@ -11,6 +11,8 @@ depend only on the Gram matrix :math:`K = X X^\top` (``n x n``). It runs as
 
 Because only ``K`` crosses workers, the same rule runs coordinate-sharded across devices with a
 single ``n x n`` ``psum``: each device combines its own shard with the shared coefficients.
+Where step 2 is costly (eigenproblems, subset searches: marked :func:`solved_once`), one
+device solves and a second, ``n``-sized ``psum`` shares the coefficients (:func:`solve_once`).
 
 Speed notes (2-core CPU, n=32, d=2e6, float32; ratios to one pass ``ones @ x``): ``x @ x.T``
 on ``[n, d]`` costs ~13-18x; the Gram accumulated over column chunks of 16k (each transposed
@@ -28,6 +30,7 @@ from typing import Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from flagjax.core import tree as tree_lib
 
@@ -51,6 +54,8 @@ __all__ = [
     "rotation_equivariant",
     "row_norms",
     "select",
+    "solve_once",
+    "solved_once",
     "sq_distances",
     "sq_distances_to",
     "sq_norms",
@@ -58,6 +63,7 @@ __all__ = [
     "too_many_nonfinite",
     "translation_invariant",
     "wants_centered",
+    "wants_solve_once",
 ]
 
 PyTree = tree_lib.PyTree
@@ -525,14 +531,109 @@ def select(index: jax.Array, x: PyTree, valid: Optional[jax.Array] = None) -> Py
 
 
 def combine_by_gram(x: PyTree, coefficients_fn, *, axis_name=None,
-                    centered: bool = False) -> PyTree:
+                    centered: bool = False, once: bool = False) -> PyTree:
   """The whole Gram-space pattern: ``K = gram(x)``, ``c = coefficients_fn(K)``, ``c^T X``.
 
   ``centered``: form the centred Gram (for translation-invariant rules, whose coefficients
-  sum to one, so the combination of the raw rows is the same point).
+  sum to one, so the combination of the raw rows is the same point). ``once``: with
+  ``axis_name``, solve on one device and share ``c`` (:func:`solve_once`), for the rules
+  whose ``n x n`` solve is marked :func:`solved_once`.
   """
   K = gram(x, axis_name=axis_name, centered=centered)
+  if once:
+    return combine(solve_once(coefficients_fn, K, axis_name=axis_name), x)
   return combine(coefficients_fn(K), x)
+
+
+def solved_once(coefficients_fn):
+  """Marks a ``<rule>_coefficients(K, ...)`` function whose ``n x n`` solve costs more than a
+  collective: sharded, it runs on one device and its result is shared (:func:`solve_once`).
+
+  Marked: the eigenproblem and subset-search rules (flag, CAF, SMEA, MDA: 0.12-3.8 ms per
+  solve at n = 16 on a 2-core CPU). Not marked: the rules whose solve is a few sorts or
+  ``n x n`` passes (Krum, geometric median, ...: 3-25 us), where the extra ``psum`` costs more
+  than the solves it saves (measured in ``experiments.bench_throughput``, shard_map backend).
+  """
+  coefficients_fn.solved_once = True
+  return coefficients_fn
+
+
+def wants_solve_once(coefficients_fn) -> bool:
+  """Whether ``coefficients_fn`` was marked by :func:`solved_once`."""
+  return bool(getattr(coefficients_fn, "solved_once", False))
+
+
+def _to_words(leaf: jax.Array) -> jax.Array:
+  """A leaf's bits as a flat int32 vector (booleans as 0/1; 1- and 2-byte types widened)."""
+  dtype = jnp.dtype(leaf.dtype)
+  if dtype == jnp.bool_:
+    return leaf.astype(jnp.int32).ravel()
+  if dtype.itemsize < 4:
+    unsigned = jax.lax.bitcast_convert_type(leaf, jnp.dtype(f"uint{8 * dtype.itemsize}"))
+    return unsigned.astype(jnp.int32).ravel()
+  return jax.lax.bitcast_convert_type(leaf, jnp.int32).ravel()  # 8 bytes: two words each
+
+
+def _from_words(words: jax.Array, shape: jax.ShapeDtypeStruct) -> jax.Array:
+  """The inverse of :func:`_to_words` for a leaf of ``shape``."""
+  dtype = jnp.dtype(shape.dtype)
+  if dtype == jnp.bool_:
+    return words.reshape(shape.shape) != 0
+  if dtype.itemsize < 4:
+    unsigned = words.astype(jnp.dtype(f"uint{8 * dtype.itemsize}")).reshape(shape.shape)
+    return jax.lax.bitcast_convert_type(unsigned, dtype)
+  words = words.reshape(shape.shape + ((dtype.itemsize // 4,) if dtype.itemsize > 4 else ()))
+  return jax.lax.bitcast_convert_type(words, dtype)
+
+
+def _num_words(shape: jax.ShapeDtypeStruct) -> int:
+  return max(1, jnp.dtype(shape.dtype).itemsize // 4) * int(np.prod(shape.shape, dtype=int))
+
+
+def solve_once(solve, K: PyTree, *, axis_name=None) -> PyTree:
+  """``solve(K)`` for a ``K`` replicated over ``axis_name``, computed on one device only.
+
+  Inside ``shard_map``/``pmap`` every device holds the same ``psum``-ed ``K`` and would run
+  the same ``n x n`` solve. Here the axis' first device solves (``lax.cond`` on
+  ``axis_index``), the others give zeros, and one ``psum`` shares the result. The result
+  travels as its bits (every leaf bit-cast to int32 words, all in one vector: one collective
+  whatever the pytree), and an integer ``w + 0`` is ``w``: every device gets the replicated
+  solve's result bit for bit, NaN payloads and ``-0.0`` included. On real devices it costs the
+  same time (the others wait at the ``psum`` instead of computing) plus one small collective;
+  where the devices share cores (simulated CPU devices, one host running many) it saves the
+  other devices' work: the digits-MLP flag step on 8 simulated devices and 2 cores drops from
+  ~1.8-1.9x to ~1.3x plain averaging. Without ``axis_name``, ``solve(K)``. Under ``vmap`` (a
+  batched predicate) ``cond`` runs both branches: correct, no saving.
+
+  Args:
+    solve: ``K -> pytree of arrays``, a pure function.
+    K: its input (any pytree), the same on every device of ``axis_name``.
+    axis_name: the mapped axis (or axes) the caller runs under, or None.
+
+  Returns:
+    ``solve(K)``, on every device.
+  """
+  if axis_name is None:
+    return solve(K)
+  shapes = jax.eval_shape(solve, K)
+  leaves, treedef = jax.tree.flatten(shapes)
+  if not leaves:
+    return shapes
+  sizes = [_num_words(leaf) for leaf in leaves]
+
+  def on_first(K):
+    return jnp.concatenate([_to_words(jnp.asarray(v)) for v in jax.tree.leaves(solve(K))])
+
+  def elsewhere(K):
+    del K
+    return jnp.zeros((sum(sizes),), jnp.int32)
+
+  first = jax.lax.axis_index(axis_name) == 0
+  words = jax.lax.psum(jax.lax.cond(first, on_first, elsewhere, K), axis_name)
+  offsets = np.cumsum([0] + sizes)
+  return jax.tree.unflatten(treedef, [
+      _from_words(words[start:stop], leaf)
+      for leaf, start, stop in zip(leaves, offsets[:-1], offsets[1:])])
 
 
 # Power-of-two scale of the overflow-safe second sum in :func:`row_norms` (exact scaling).
