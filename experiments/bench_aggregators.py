@@ -600,38 +600,57 @@ def markdown(results: dict) -> str:
   return "\n".join(lines)
 
 
+def plot_axes(cells: Sequence[dict]) -> tuple[str, str]:
+  """``(x, panel)``: what the plot's x axis and its panels vary.
+
+  Time against ``d``, one panel per ``n``, unless the grid has a single ``d`` and several
+  ``n`` (the many-workers grid): then time against ``n``, one panel per ``d``.
+  """
+  ds = {cell["d"] for cell in cells}
+  ns = {cell["n"] for cell in cells}
+  return ("n", "d") if len(ds) == 1 and len(ns) > 1 else ("d", "n")
+
+
 def plot(results: dict, path: str) -> None:
-  """Time against d, log-log: one panel per n; solid flagjax, dashed ByzFL, dotted d-space."""
+  """Time against d (or n, see :func:`plot_axes`), log-log: one panel per n (or d); solid
+  flagjax, dashed ByzFL, dotted d-space."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  ns = sorted({cell["n"] for cell in results["cells"]})
+  across, panel = plot_axes(results["cells"])
+  panels = sorted({cell[panel] for cell in results["cells"]})
   names = [name for name in RULE_NAMES
            if any(r["rule"] == name for c in results["cells"] for r in c["rules"])]
+  # 40 colours (tab20, then tab20b): every rule its own, the default rules number 26.
   palette = [plt.get_cmap("tab20")(i) for i in list(range(0, 20, 2)) + list(range(1, 20, 2))]
+  palette += [plt.get_cmap("tab20b")(i) for i in range(20)]
   colors = {name: palette[i % len(palette)] for i, name in enumerate(names)}
-  fig, axes = plt.subplots(1, len(ns), figsize=(6.2 * len(ns), 5.6), squeeze=False,
+  fig, axes = plt.subplots(1, len(panels), figsize=(6.2 * len(panels), 5.6), squeeze=False,
                            sharey=True)
   styles = (("flagjax_ms", "-", "o", "flagjax"), ("byzfl_ms", "--", "s", "ByzFL"),
             ("dspace_ms", ":", "^", "d-space"))
-  for ax, n in zip(axes[0], ns):
-    cells = sorted((c for c in results["cells"] if c["n"] == n), key=lambda c: c["d"])
-    ds = [c["d"] for c in cells]
+  for ax, value in zip(axes[0], panels):
+    cells = sorted((c for c in results["cells"] if c[panel] == value), key=lambda c: c[across])
+    xs = [c[across] for c in cells]
     one = [np.median([r["one_pass_ms"] for r in c["rules"] if r.get("one_pass_ms")] or [np.nan])
            for c in cells]
-    ax.plot(ds, one, color="black", lw=2.5)
+    ax.plot(xs, one, color="black", lw=2.5)
     for name in names:
       for key, style, marker, library in styles:
-        points = [(c["d"], r[key]) for c in cells for r in c["rules"]
+        points = [(c[across], r[key]) for c in cells for r in c["rules"]
                   if r["rule"] == name and r.get(key)]
         if points:
           px, py = zip(*points)
           ax.plot(px, py, style, marker=marker, ms=4, color=colors[name])
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_xlabel("d (coordinates)")
-    ax.set_title(f"n = {n} workers, float32")
+    if across == "n":
+      ax.set_xticks(xs, [str(x) for x in xs])
+      ax.minorticks_off()
+    ax.set_xlabel("d (coordinates)" if across == "d" else "n (workers)")
+    ax.set_title(f"n = {value} workers, float32" if panel == "n"
+                 else f"d = {value:,} coordinates, float32")
     ax.grid(True, which="both", alpha=0.3)
   axes[0][0].set_ylabel("time per call (ms)")
   from matplotlib.lines import Line2D
@@ -640,7 +659,7 @@ def plot(results: dict, path: str) -> None:
               for _, style, marker, library in styles]
   handles += [Line2D([], [], color=colors[name], lw=3, label=name) for name in names]
   fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
-  fig.suptitle(f"Aggregation time against d — {results['machine']['summary']}")
+  fig.suptitle(f"Aggregation time against {across} — {results['machine']['summary']}")
   fig.tight_layout()
   write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
   plt.close(fig)

@@ -151,3 +151,19 @@ def test_bench_sorting_tiny(tmp_path):
     for method in cell["methods"].values():
       assert _positive_finite(method["ratio_to_one_pass"])
   assert "| 9 |" in (tmp_path / "sorting.md").read_text()
+
+
+def test_plot_runs_along_the_axis_the_grid_varies(tmp_path):
+  def cells(pairs):
+    return [{"n": n, "d": d, "f": 1, "rules": [
+        {"rule": "mean", "one_pass_ms": 1.0 * n, "flagjax_ms": 1.1 * n}]} for n, d in pairs]
+  # The many-workers grid (one d, several n) is plotted against n; any grid with several d
+  # values, or a single cell, against d.
+  assert bench_aggregators.plot_axes(cells([(128, 10**5), (256, 10**5)])) == ("n", "d")
+  assert bench_aggregators.plot_axes(cells([(16, 10**5), (16, 10**6)])) == ("d", "n")
+  assert bench_aggregators.plot_axes(cells([(16, 10**5), (32, 10**6)])) == ("d", "n")
+  assert bench_aggregators.plot_axes(cells([(16, 10**5)])) == ("d", "n")
+  path = tmp_path / "many.png"
+  bench_aggregators.plot({"machine": {"summary": "test"},
+                          "cells": cells([(128, 10**5), (256, 10**5)])}, str(path))
+  assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
