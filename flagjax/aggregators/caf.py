@@ -113,7 +113,8 @@ def caf(x, f: int, *, max_iters: Optional[int] = None, axis_name=None):
     x: stacked worker updates ``[n, ...]`` or a pytree of them.
     f: number of Byzantine workers tolerated (static).
     max_iters: cap on the filter steps (static; default ``2f``, which always finishes).
-    axis_name: when set, ``x`` holds a coordinate shard and ``K`` is ``psum``-ed over it.
+    axis_name: when set, ``x`` holds a coordinate shard and ``K`` is ``psum``-ed over it; the
+      ``n x n`` solve runs on one device and is shared (:func:`flagjax.core.gram.solve_once`).
 
   Returns:
     The aggregate, shaped like one worker's update, in the input dtype.

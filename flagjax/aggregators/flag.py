@@ -580,8 +580,10 @@ def flag_solve(x, *, rank: Optional[int] = None, lam=0.0, max_iters=DEFAULT_MAX_
     num_starts: IRLS runs from this many starts (static, ``>= 1``), batched, the least ``A``
       kept (module docstring, "Starts and stopping"); ``1`` (the default) is the flag-mean
       start alone. ``k`` starts cost ``k`` times the ``n x n`` work.
-    axis_name: when set, ``x`` is a coordinate shard: ``K`` is ``psum``-ed over it (the only
-      cross-device reduction) and the aggregate is the shard of the unsharded one.
+    axis_name: when set, ``x`` is a coordinate shard: ``K`` is ``psum``-ed over it, the
+      ``n x n`` solve runs on the axis' first device and its result is shared by a second,
+      ``n``-sized ``psum`` (:func:`flagjax.core.gram.solve_once`), and the aggregate is the
+      shard of the unsharded one.
 
   Returns:
     :class:`FlagResult` ``(aggregate, coefficients, values, objective, num_iters,

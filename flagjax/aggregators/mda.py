@@ -95,7 +95,9 @@ def mda(x, f: int, *, axis_name=None):
     x: stacked worker updates ``[n, ...]`` or a pytree of them.
     f: number of Byzantine workers tolerated (static).
     axis_name: set inside ``shard_map``/``pmap`` over coordinate shards: the Gram is
-      ``psum``-ed over it and the result is this shard of the unsharded answer.
+      ``psum``-ed over it, the subset search runs on one device and is shared
+      (:func:`flagjax.core.gram.solve_once`), and the result is this shard of the unsharded
+      answer.
 
   Returns:
     The aggregate, shaped like one worker's update, in the input dtype.

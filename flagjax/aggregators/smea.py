@@ -163,7 +163,8 @@ def smea(x, f: int, *, axis_name=None):
   Args:
     x: stacked worker updates ``[n, ...]`` or a pytree of them.
     f: number of Byzantine workers tolerated (static).
-    axis_name: when set, ``x`` holds a coordinate shard and ``K`` is ``psum``-ed over it.
+    axis_name: when set, ``x`` holds a coordinate shard and ``K`` is ``psum``-ed over it; the
+      subset search runs on one device and is shared (:func:`flagjax.core.gram.solve_once`).
 
   Returns:
     The aggregate, shaped like one worker's update, in the input dtype.
