@@ -135,12 +135,53 @@ def bucketing(x, s: int, key: jax.Array, *, axis_name=None):
   return jax.tree.map(leaf_fn, x)
 
 
+def _scale_leaf(leaf: jax.Array, scale: jax.Array) -> jax.Array:
+  """``leaf_i * scale_i`` (scale in the compute dtype, result in the output dtype)."""
+  dtype = tree_lib.compute_dtype(leaf.dtype)
+  s = scale.astype(dtype).reshape((-1,) + (1,) * (leaf.ndim - 1))
+  return (leaf.astype(dtype) * s).astype(tree_lib.output_dtype(leaf.dtype))
+
+
 def _scale_rows(x, scale: jax.Array):
   """``x_i * scale_i`` for every leaf (scale in the compute dtype, result in the leaf dtype)."""
+  return jax.tree.map(lambda leaf: _scale_leaf(leaf, scale), x)
+
+
+# Coordinates per row from which _rescale_rows rewrites only the listed rows of a leaf.
+ROW_UPDATE_MIN_SIZE = 1 << 15
+
+
+def _rescale_rows(x, scale: jax.Array, rows: jax.Array):
+  """:func:`_scale_rows` when only ``rows`` (distinct indices) can have ``scale != 1``.
+
+  A leaf of at least :data:`ROW_UPDATE_MIN_SIZE` coordinates per row has just those rows
+  rewritten (a ``fori_loop`` of ``dynamic_update_slice``), which XLA does in place whenever
+  the leaf's buffer is free: donated, or an intermediate such as the gradients inside a
+  training step. The result is the same bit for bit (``x * 1 = x``). Measured for ARC
+  (float32, 2-core CPU, one process; n = 16, f = 4: 6 of 16 rows; n = 32, f = 8: 12 of 32),
+  against the whole-array multiply: inside a jitted function whose rows are an intermediate
+  (a product), ARC's own share 21.6 -> 12.1 ms (n = 16, d = 1e6), 37 -> 28 ms (n = 32,
+  d = 1e6), 0.73 -> 0.42 ms and 1.9 -> 1.3 ms at d = 1e5; donated, 4.6x -> 3.8x and 5.1x ->
+  4.4x one pass at d = 1e6. A standalone call without donation pays XLA's copy of the input
+  first and is 13-34% slower (n = 16, d = 1e6: 8.3x -> 10.3x). Smaller leaves (the MLPs of the
+  experiments) keep the one fused multiply per leaf: there the two were within noise (digits
+  MLP, 16 rows, 4 leaves, in a jitted function: 200-245 us either way), and under ``vmap``
+  (batched runs, as the leaderboard runs them) the row updates would become scatters.
+  """
   def leaf_fn(leaf):
+    out_dtype = tree_lib.output_dtype(leaf.dtype)
+    if (leaf.ndim < 2 or math.prod(leaf.shape[1:]) < ROW_UPDATE_MIN_SIZE
+        or jnp.dtype(out_dtype) != jnp.dtype(leaf.dtype)):
+      return _scale_leaf(leaf, scale)
     dtype = tree_lib.compute_dtype(leaf.dtype)
-    s = scale.astype(dtype).reshape((-1,) + (1,) * (leaf.ndim - 1))
-    return (leaf.astype(dtype) * s).astype(tree_lib.output_dtype(leaf.dtype))
+
+    def rescale(j, leaf):
+      i = rows[j]
+      row = jax.lax.dynamic_index_in_dim(leaf, i, 0, keepdims=True)
+      new = (row.astype(dtype) * scale[i].astype(dtype)).astype(leaf.dtype)
+      return jax.lax.dynamic_update_index_in_dim(leaf, new, i, 0)
+
+    return jax.lax.fori_loop(0, rows.shape[0], rescale, leaf)
   return jax.tree.map(leaf_fn, x)
 
 
@@ -195,6 +236,7 @@ def arc(x, f: int, *, axis_name=None):
   k = (2 * f * (n - f)) // n
   norms = gram_lib.row_norms(x, axis_name=axis_name)
   ranked = jnp.where(jnp.isfinite(norms), norms, jnp.inf)
-  # The (k+1)-th largest norm; top_k is over n values (tiny).
-  threshold = jax.lax.top_k(ranked, k + 1)[0][k]
-  return _scale_rows(x, gram_lib.clip_scale(norms, threshold))
+  # The (k+1)-th largest norm; top_k is over n values (tiny). Only the k rows above it can
+  # have a scale below 1: only they are rewritten (in place where XLA can, _rescale_rows).
+  largest, order = jax.lax.top_k(ranked, k + 1)
+  return _rescale_rows(x, gram_lib.clip_scale(norms, largest[k]), order[:k])

@@ -58,6 +58,16 @@ def np_arc(x, f):
   return np_clip_to(x, np.sort(norms)[::-1][k])
 
 
+def _arc_scale(x, f, axis_name=None):
+  """ARC's per-row scale, computed directly (for the whole-array reference)."""
+  from flagjax.core import gram as gram_lib
+  n = jax.tree.leaves(x)[0].shape[0]
+  norms = gram_lib.row_norms(x, axis_name=axis_name)
+  ranked = jnp.where(jnp.isfinite(norms), norms, jnp.inf)
+  threshold = jnp.sort(ranked)[::-1][(2 * f * (n - f)) // n]
+  return gram_lib.clip_scale(norms, threshold)
+
+
 def random_rotation(seed, d):
   q, r = np.linalg.qr(np.random.default_rng(seed).normal(size=(d, d)))
   return q * np.sign(np.diag(r))
@@ -265,6 +275,46 @@ class PreaggregatorsTest(chex.TestCase):
       for name, (fn, _) in STANDARD.items():
         np.testing.assert_allclose(sharded[name], fn(rows), rtol=1e-5, atol=1e-5,
                                    err_msg=name)
+
+  def test_arc_rewrites_only_its_clipped_rows_bit_for_bit(self):
+    # Large leaves take the in-place row path (preaggregators._rescale_rows): its output must
+    # be the whole-array multiply's bit for bit, on nasty rows, in every way it is called.
+    n, f = 9, 3                                  # k = 4 of 9 rows clipped
+    d = preaggregators.ROW_UPDATE_MIN_SIZE        # the smallest leaf that takes the row path
+    rng = np.random.default_rng(7)
+    x = (rng.normal(size=(n, d)) * rng.uniform(0.5, 3, size=(n, 1))).astype(np.float32)
+    x[2] = x[3]                                  # a duplicated row: tied norms
+    x[4, : d // 2] = 1e30                         # huge finite values (the norm is finite)
+    x[5] = 0.0                                   # a zero row
+    x[6, 7] = np.nan                             # a Byzantine NaN row
+    tree = {"big": x, "small": x[:, :16].copy()}  # a small leaf takes the fused multiply
+
+    def whole(t, axis_name=None):  # the reference: every row multiplied by its scale
+      return preaggregators._scale_rows(t, _arc_scale(t, f, axis_name))
+
+    def arc(t, axis_name=None):
+      return preaggregators.arc(t, f, axis_name=axis_name)
+
+    expected = jax.tree.map(np.asarray, jax.jit(whole)(tree))
+    self.assertFalse(np.array_equal(expected["big"][4], x[4]))  # row 4 is clipped
+    barrier = lambda t: jax.tree.map(lambda v: jax.lax.optimization_barrier(v * 1), t)
+    stacked = jax.tree.map(lambda v: np.stack([v, v[::-1]]), tree)
+    cases = {
+        "jit": (jax.jit(arc)(tree), expected),
+        "donated": (jax.jit(arc, donate_argnums=0)(jax.tree.map(jnp.array, tree)), expected),
+        "inside a jit": (jax.jit(lambda t: arc(barrier(t)))(tree), expected),
+        "vmap": (jax.jit(jax.vmap(arc))(stacked), jax.jit(jax.vmap(whole))(stacked)),
+        # Sharded, the psum-ed norms round differently: the reference is sharded too.
+        "sharded": (run_rows_sharded(arc, x), run_rows_sharded(whole, x)),
+    }
+    for case, (got, want) in cases.items():
+      for got_leaf, want_leaf in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_array_equal(np.asarray(got_leaf), np.asarray(want_leaf),
+                                      err_msg=case)
+    # And the reference is ARC: the numpy oracle (float64) on the two leaves side by side.
+    oracle = np_arc(np.concatenate([x, tree["small"]], axis=1), f)
+    assert_rows_close(expected["big"], oracle[:, :d], rtol=1e-5, atol=1e-6)
+    assert_rows_close(expected["small"], oracle[:, d:], rtol=1e-5, atol=1e-6)
 
   def test_composition_with_rules(self):
     x = standard_rows(100)
