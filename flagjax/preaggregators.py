@@ -173,12 +173,11 @@ def _rescale_rows(x, scale: jax.Array, rows: jax.Array):
     if (leaf.ndim < 2 or math.prod(leaf.shape[1:]) < ROW_UPDATE_MIN_SIZE
         or jnp.dtype(out_dtype) != jnp.dtype(leaf.dtype)):
       return _scale_leaf(leaf, scale)
-    dtype = tree_lib.compute_dtype(leaf.dtype)
 
     def rescale(j, leaf):
       i = rows[j]
       row = jax.lax.dynamic_index_in_dim(leaf, i, 0, keepdims=True)
-      new = (row.astype(dtype) * scale[i].astype(dtype)).astype(leaf.dtype)
+      new = _scale_leaf(row, jax.lax.dynamic_index_in_dim(scale, i, 0, keepdims=True))
       return jax.lax.dynamic_update_index_in_dim(leaf, new, i, 0)
 
     return jax.lax.fori_loop(0, rows.shape[0], rescale, leaf)

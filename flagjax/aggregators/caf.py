@@ -127,4 +127,5 @@ def caf(x, f: int, *, max_iters: Optional[int] = None, axis_name=None):
   f = checks.check_num_byzantine("caf", f)
   _check(tree_lib.num_workers("caf", x), f, max_iters)
   return gram_lib.combine_by_gram(x, lambda K: caf_coefficients(K, f, max_iters=max_iters),
-                                  axis_name=axis_name, centered=True, once=True)
+                                  axis_name=axis_name, centered=True,
+                                  once=gram_lib.wants_solve_once(caf_coefficients))

@@ -110,4 +110,5 @@ def mda(x, f: int, *, axis_name=None):
   f = checks.check_num_byzantine("mda", f)
   _check(tree_lib.num_workers("mda", x), f)
   return gram_lib.combine_by_gram(x, lambda K: mda_coefficients(K, f), axis_name=axis_name,
-                                  centered=True, once=True)
+                                  centered=True,
+                                  once=gram_lib.wants_solve_once(mda_coefficients))

@@ -176,4 +176,5 @@ def smea(x, f: int, *, axis_name=None):
   f = checks.check_num_byzantine("smea", f)
   subsets.check_subset_search("smea", tree_lib.num_workers("smea", x), f)
   return gram_lib.combine_by_gram(x, lambda K: smea_coefficients(K, f), axis_name=axis_name,
-                                  centered=True, once=True)
+                                  centered=True,
+                                  once=gram_lib.wants_solve_once(smea_coefficients))
