@@ -4,6 +4,7 @@ import json
 import math
 import os
 
+import numpy as np
 import pytest
 
 from experiments import bench_aggregators
@@ -167,3 +168,28 @@ def test_plot_runs_along_the_axis_the_grid_varies(tmp_path):
   bench_aggregators.plot({"machine": {"summary": "test"},
                           "cells": cells([(128, 10**5), (256, 10**5)])}, str(path))
   assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_backend_check_tiny(tmp_path):
+  """Without an accelerator both sides are the CPU: the same compiled program on the same
+  input gives the same bits, so every rule's difference is exactly 0 and NaN matches NaN. The
+  input holds the nasty rows (a duplicate, rows 100x away, a NaN row)."""
+  from experiments import backend_check
+  x = backend_check.nasty_rows(8, 40, 2)
+  assert np.array_equal(x[0], x[1]) and np.isnan(x[7]).any() and np.abs(x[6]).max() > 50
+  rules = ["mean", "krum", "caf", "signguard", "arc", "arc (donated)"]
+  results = backend_check.main(["--n", "8", "--d", "64,80", "--reps", "2", "--rules",
+                                ",".join(rules), "--out", str(tmp_path), "--quiet"])
+  assert [r["d"] for r in results] == [64, 80]
+  for result in results:
+    # In the benchmark's order; the donated row is the same function as "arc" and is skipped.
+    assert sorted(row["rule"] for row in result["rules"]) == sorted(rules[:-1])
+    for row in result["rules"]:
+      assert row["relative_difference"] == 0 and row["same_nan"], row
+      assert _positive_finite(row["x_one_pass"])
+    errors = result["default_precision_error"]
+    assert 0 <= errors["highest"] < 1e-6 and errors["default"] == errors["highest"]  # CPU
+  with open(tmp_path / "backend.json") as handle:
+    assert json.load(handle) == json.loads(json.dumps(results))
+  assert (tmp_path / "backend.md").read_text().count(" | yes | ") == 2 * (len(rules) - 1)
+  assert not [p for p in os.listdir(tmp_path) if p.startswith(".tmp-")]

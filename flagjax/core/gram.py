@@ -689,7 +689,8 @@ def nonfinite_rows(x: PyTree, *, axis_name=None) -> jax.Array:
     flat = leaf.reshape(leaf.shape[0], -1)
     compute = tree_lib.compute_dtype(flat.dtype)
     weights = jnp.full((flat.shape[1],), 2.0 ** -exponent, compute)
-    total = total + jnp.matmul(flat.astype(compute), weights).astype(dtype)
+    total = total + jnp.matmul(flat.astype(compute), weights,
+                               precision=jax.lax.Precision.HIGHEST).astype(dtype)
   if axis_name is not None:
     total = jax.lax.psum(total, axis_name)
   return ~jnp.isfinite(total)

@@ -45,6 +45,10 @@ __all__ = [
 LANCZOS_MIN_ROWS = 128
 # Lanczos steps at most, and how often the Ritz pair is checked for convergence.
 _LANCZOS_MAX_STEPS = 64
+
+# Every product at full float32 precision: on GPUs (TF32) and TPUs (bfloat16) JAX's default
+# precision would round the operands to 10 or 8 mantissa bits.
+_HIGHEST = jax.lax.Precision.HIGHEST
 _LANCZOS_CHECK_EVERY = 16
 # The certificate's slack in units of n * eps * lambda (see certified_top_eigenpair).
 _CERTIFICATE_SLACK = 16
@@ -77,10 +81,10 @@ def centered_gram(K: jax.Array, weights: jax.Array) -> jax.Array:
   reductions there are ~4x slower).
   """
   if K.ndim == 2:
-    Kw = K @ weights
-    return K - Kw[:, None] - Kw[None, :] + weights @ Kw
+    Kw = jnp.matmul(K, weights, precision=_HIGHEST)
+    return K - Kw[:, None] - Kw[None, :] + jnp.dot(weights, Kw, precision=_HIGHEST)
   n = K.shape[0]
-  Kw = (weights @ K.reshape(n, -1)).reshape(n, -1)               # [n, count]
+  Kw = jnp.matmul(weights, K.reshape(n, -1), precision=_HIGHEST).reshape(n, -1)  # [n, count]
   return K - Kw[:, None] - Kw[None, :] + jnp.sum(Kw * weights[:, None], 0)
 
 
@@ -114,23 +118,24 @@ def _lanczos_ritz(M: jax.Array, start: jax.Array, max_steps: int, check_every: i
   images = jnp.zeros((max_steps, n), dtype)            # M q_j
 
   def ritz(basis, images):
-    projected = basis @ images.T                        # Q M Q^T
+    projected = jnp.matmul(basis, images.T, precision=_HIGHEST)   # Q M Q^T
     # Rows of Q not (yet) filled are 0; their -1 keeps them below every Ritz value of the
     # PSD M (all >= 0 up to rounding), so the top Ritz vector is never made of them.
     unused = jnp.all(basis == 0, axis=1)
     projected = 0.5 * (projected + projected.T) - jnp.diag(unused.astype(dtype))
     values, vectors = jnp.linalg.eigh(projected)
     coefficients = vectors[:, -1]
-    vector = coefficients @ basis
-    residual = jnp.linalg.norm(coefficients @ images - values[-1] * vector)
+    vector = jnp.matmul(coefficients, basis, precision=_HIGHEST)
+    residual = jnp.linalg.norm(jnp.matmul(coefficients, images, precision=_HIGHEST)
+                               - values[-1] * vector)
     return values[-1], vector, residual
 
   def extend(j, carry):
     basis, images = carry
-    image = M @ basis[j]
+    image = jnp.matmul(M, basis[j], precision=_HIGHEST)
     w = image
     for _ in range(2):
-      w = w - basis.T @ (basis @ w)
+      w = w - jnp.matmul(basis.T, jnp.matmul(basis, w, precision=_HIGHEST), precision=_HIGHEST)
     norm = jnp.linalg.norm(w)
     # Breakdown: what is left is rounding (the basis spans an invariant subspace). Normalised,
     # it would be a direction no longer orthogonal to the basis; a zero vector ends the basis.
@@ -250,7 +255,8 @@ def top_eigenpair(K: jax.Array, weights: jax.Array) -> TopEigenpair:
   M = root[:, None] * G * root[None, :]
   value, a = symmetric_top_eigenpair(M)
   positive = value > 0
-  projections = (G @ (root * a)) / jnp.sqrt(jnp.where(positive, value, 1))
+  projections = (jnp.matmul(G, root * a, precision=_HIGHEST)
+                 / jnp.sqrt(jnp.where(positive, value, 1)))
   return TopEigenpair(value, jnp.where(positive, projections, 0))
 
 
