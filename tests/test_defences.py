@@ -396,6 +396,27 @@ class DncTest(parameterized.TestCase):
       self.assertLess(np.linalg.norm(row - honest), spread / 2)
 
 
+  def test_a_large_common_offset_keeps_the_scores_digits(self):
+    """Honest rows at 1e4 + 1e-3 noise and two Byzantine rows 1.0 away from two of them
+    (d = 40, float32): the float64 numpy oracle drops the two; with the plain Gram of the
+    subsample (|x|^2 ~ 4e9, float32 spacing ~500 against score gaps ~1) DnC kept them. Their
+    pull on the mean is 2/12 = 0.17 per coordinate; the tolerance 0.02 is float32 rounding of
+    means near 1e4 (spacing 1e-3)."""
+    rng = np.random.default_rng(7)
+    honest = 1e4 + 1e-3 * rng.normal(size=(10, 40))
+    x = np.concatenate([honest, honest[:2] + 1.0]).astype(np.float32)
+    kept = np_dnc_kept(x.astype(np.float64), 2)
+    self.assertEqual(kept, set(range(10)))
+    for key in jax.random.split(jax.random.key(3), 3):
+      got = rules.dnc(jnp.asarray(x), 2, key, subsample_size=100)
+      np.testing.assert_allclose(got, x[:10].astype(np.float64).mean(0), rtol=0, atol=2e-2)
+      # Coordinate shards pick the same reference row from the psum-ed norms.
+      sharded = helpers.run_coordinate_sharded(rules.dnc, x, f=2, key=key, subsample_size=16)
+      expected = rules.dnc(jnp.asarray(x), 2, key, subsample_size=16)
+      np.testing.assert_allclose(sharded, expected, rtol=0, atol=2e-2)
+      np.testing.assert_allclose(expected, x[:10].astype(np.float64).mean(0), rtol=0, atol=2e-2)
+
+
 class SignGuardTest(parameterized.TestCase):
 
   def _rows(self, seed=0):

@@ -46,6 +46,7 @@ __all__ = [
     "finite_rows",
     "gram",
     "is_rotation_equivariant",
+    "median_index",
     "median_norm_row",
     "nan_beyond_bound",
     "nearest_mask",
@@ -113,13 +114,20 @@ def median_norm_row(block: jax.Array) -> jax.Array:
   can do is make centring gain nothing, i.e. the precision of the uncentred Gram within a
   factor ~4, while its own distances grow as large as that loss).
   """
-  n = block.shape[0]
-  if n == 1:
+  if block.shape[0] == 1:
     return jnp.zeros((), jnp.int32)
-  sq = jnp.sum(jnp.square(block), axis=1)
-  sq = jnp.where(jnp.isnan(sq), jnp.inf, sq)
+  return median_index(jnp.sum(jnp.square(block), axis=1))
+
+
+def median_index(sq_norms: jax.Array) -> jax.Array:
+  """The index of the row of median squared norm, from the ``[n]`` squared norms: position
+  ``(n - 1) // 2`` in increasing order, NaN ranked as ``+inf`` (last), ties to the lower
+  index. ``n x n`` compares, no sort call. :func:`median_norm_row` of a block is this of its
+  row sums of squares; on coordinate shards, this of the ``psum``-ed sums picks one row on
+  every shard."""
+  n = sq_norms.shape[0]
+  sq = jnp.where(jnp.isnan(sq_norms), jnp.inf, sq_norms)
   index = jnp.arange(n)
-  # Rank with ties to the lower index (n x n compares: no sort call).
   ranks = jnp.sum((sq[None, :] < sq[:, None])
                   | ((sq[None, :] == sq[:, None]) & (index[None, :] < index[:, None])), axis=1)
   return jnp.argmax(ranks == (n - 1) // 2).astype(jnp.int32)
