@@ -117,7 +117,8 @@ def markdown(result: dict) -> str:
            f"{errors['default']:.1e} at JAX's default precision, {errors['highest']:.1e} at "
            "HIGHEST (against float64).",
            "",
-           "| rule | max abs difference / max abs (CPU) | NaN where the CPU has NaN | ms | x one pass |",
+           "| rule | max abs difference / max abs (CPU) | NaN where the CPU has NaN | ms "
+           "| x one pass |",
            "|---|---:|:---:|---:|---:|"]
   for row in result["rules"]:
     if "error" in row:

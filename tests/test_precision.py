@@ -54,8 +54,18 @@ def _below_highest(fn, *args) -> list[str]:
     precision = eqn.params["precision"]
     pair = precision if isinstance(precision, tuple) else (precision, precision)
     if any(p != jax.lax.Precision.HIGHEST for p in pair):
-      low.append(jax._src.source_info_util.summarize(eqn.source_info))  # noqa: SLF001
+      low.append(_where(eqn))
   return low
+
+
+def _where(eqn) -> str:
+  """Where an equation was written (``file:line (function)``), or the equation itself where
+  this jax keeps that elsewhere (the helper is internal)."""
+  try:
+    from jax._src import source_info_util  # noqa: PLC0415
+    return source_info_util.summarize(eqn.source_info)
+  except (ImportError, AttributeError):
+    return str(eqn)
 
 
 def _rows(n: int):

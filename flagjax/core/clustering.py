@@ -77,7 +77,8 @@ def largest_mean_shift_cluster(points: jax.Array, active: jax.Array, *,
   def shift(centres):
     member = within(centres).astype(points.dtype)
     count = jnp.sum(member, axis=1, keepdims=True)
-    return jnp.where(count > 0, jnp.matmul(member, points, precision=_HIGHEST) / jnp.maximum(count, 1), centres)
+    means = jnp.matmul(member, points, precision=_HIGHEST) / jnp.maximum(count, 1)
+    return jnp.where(count > 0, means, centres)
 
   def keep_going(carry):
     _, moving, iteration = carry

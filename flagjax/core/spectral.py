@@ -45,10 +45,6 @@ __all__ = [
 LANCZOS_MIN_ROWS = 128
 # Lanczos steps at most, and how often the Ritz pair is checked for convergence.
 _LANCZOS_MAX_STEPS = 64
-
-# Every product at full float32 precision: on GPUs (TF32) and TPUs (bfloat16) JAX's default
-# precision would round the operands to 10 or 8 mantissa bits.
-_HIGHEST = jax.lax.Precision.HIGHEST
 _LANCZOS_CHECK_EVERY = 16
 # The certificate's slack in units of n * eps * lambda (see certified_top_eigenpair).
 _CERTIFICATE_SLACK = 16
@@ -56,6 +52,10 @@ _CERTIFICATE_SLACK = 16
 # of the solve streams the whole piece, so it should stay in cache. Measured per 10 x 10
 # matrix (2-core CPU): 1.4 us at 1,024, 0.8 us at 4,096-8,192, 2.5 us at 36,036.
 _STACK_PIECE = 8192
+
+# Every product at full float32 precision: on GPUs (TF32) and TPUs (bfloat16) JAX's default
+# precision would round the operands to 10 or 8 mantissa bits.
+_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 class TopEigenpair(NamedTuple):
