@@ -359,21 +359,24 @@ class SpectralTest(parameterized.TestCase):
     grams = np.einsum("akid,akjd->aijk", b, b)                   # [3, m, m, 13] batch-last
     weights = rng.uniform(0.5, 1.5, size=(3, 6)).astype(np.float32)
     weights /= weights.sum(1, keepdims=True)
-    one = lambda g, w: spectral.top_eigenvalues_trailing(jnp.asarray(g[:, :, None]), w)[0]
+    # Jitted (each jit made inside the piece loop traces with that piece size): op by op,
+    # the while loops compiled operation by operation cost ~40 s.
+    one = jax.jit(lambda g, w: spectral.top_eigenvalues_trailing(g[:, :, None], w)[0])
     expected = np.array([[one(grams[a, :, :, k], weights[0]) for k in range(13)]
                          for a in range(3)])
     own = np.array([[one(grams[a, :, :, k], weights[a]) for k in range(13)] for a in range(3)])
     for piece in (8192, 5):   # one piece; pieces of 5, 5, 3 (the last overlapping)
       with mock.patch.object(spectral, "_STACK_PIECE", piece):
-        shared = jax.vmap(spectral.top_eigenvalues_trailing, (0, None))(grams, weights[0])
+        shared = jax.jit(jax.vmap(spectral.top_eigenvalues_trailing, (0, None)))(
+            grams, weights[0])
         np.testing.assert_allclose(shared, expected, rtol=1e-6)
         batched = jax.jit(jax.vmap(spectral.top_eigenvalues_trailing))(grams, weights)
         np.testing.assert_allclose(batched, own, rtol=1e-6)
-        nested = jax.vmap(jax.vmap(spectral.top_eigenvalues_trailing, (0, None)),
-                          (0, None))(grams[:, None], weights[0])
+        nested = jax.jit(jax.vmap(jax.vmap(spectral.top_eigenvalues_trailing, (0, None)),
+                                  (0, None)))(grams[:, None], weights[0])
         np.testing.assert_allclose(nested[:, 0], expected, rtol=1e-6)
         matrices = np.moveaxis(grams, -1, 1)                    # [3, 13, m, m]
-        largest = jax.vmap(jax.vmap(spectral.largest_eigenvalue))(matrices)
+        largest = jax.jit(jax.vmap(jax.vmap(spectral.largest_eigenvalue)))(matrices)
         np.testing.assert_allclose(largest, np.linalg.eigvalsh(matrices.astype(np.float64))
                                    [..., -1], rtol=1e-5)
     # No derivative (a stop_gradient), not an error, through the custom batching rule.

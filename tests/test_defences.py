@@ -6,6 +6,7 @@ FLTrust's formula), plus bounds, NaN/Inf rows, permutations, pytrees, jit/vmap, 
 robustness property.
 """
 
+import functools
 import importlib
 import itertools
 import types
@@ -196,13 +197,19 @@ class SpectralFilterTest(parameterized.TestCase):
       return (subsets.best_subset(score, n, f, elements_per_subset=1),
               smea_module.smea_coefficients(K, f) > 0)
     both = jax.jit(both, static_argnums=1)
+    # Jitted: op by op, every input shape compiled each operation anew (~25 s of compiles).
+    centred_gram = jax.jit(functools.partial(gram_lib.gram, centered=True))
+
+    @functools.partial(jax.jit, static_argnums=1)
+    def eigenvalue_bounds(K, f):
+      clean, finite = gram_lib.clean_gram(K)
+      return smea_module._eigenvalue_bounds(clean, finite, K.shape[0], f)
     # The bound itself: below every subset's exact (float64, d-space) top eigenvalue, and
     # close to it where the rows have structure (which is what makes the pruning pay).
     for index, (x, f) in enumerate(cases[:7]):
       n = x.shape[0]
-      K = gram_lib.gram(jnp.asarray(np.asarray(x, np.float32)), centered=True)
-      clean, finite = gram_lib.clean_gram(K)
-      bounds = np.asarray(smea_module._eigenvalue_bounds(clean, finite, n, f), np.float64)
+      K = centred_gram(jnp.asarray(np.asarray(x, np.float32)))
+      bounds = np.asarray(eigenvalue_bounds(K, f), np.float64)
       exact = []
       for kept in subsets.kept_sets(n, f):
         rows = np.asarray(x, np.float64)[kept]
@@ -216,7 +223,7 @@ class SpectralFilterTest(parameterized.TestCase):
       with jax.enable_x64(dtype == np.float64):
         for x, f in chosen:
           x = np.asarray(x, dtype)
-          exhaustive, got = both(gram_lib.gram(jnp.asarray(x), centered=True), f)
+          exhaustive, got = both(centred_gram(jnp.asarray(x)), f)
           np.testing.assert_array_equal(np.asarray(got), np.asarray(exhaustive),
                                         err_msg=f"{dtype.__name__} n={x.shape[0]}, f={f}")
 
@@ -224,39 +231,46 @@ class SpectralFilterTest(parameterized.TestCase):
     # Integer scores with many ties and some NaN (never chosen), bounds anywhere below them:
     # the first minimum in kept-set order, as the exhaustive search finds it.
     n, f = 10, 3
-    count = len(subsets.kept_sets(n, f))
+    kept_sets = subsets.kept_sets(n, f)
+    count = len(kept_sets)
+    index_of = {tuple(k): i for i, k in enumerate(kept_sets.tolist())}
+    lookup = jnp.asarray(np.array([index_of[tuple(k)] for k in kept_sets.tolist()]))
+    masks = jnp.asarray(np.array([sum(1 << int(i) for i in k) for k in kept_sets]))
+
+    # Jitted with the score table as an argument: one compilation per search variant for all
+    # trials (op by op, each trial's closure compiled anew, ~30 s).
+    @functools.partial(jax.jit, static_argnums=2)
+    def searches(table, bounds, variant):
+      def score(removed, kept):
+        del removed
+        # The subset's position in kept-set order, from its kept rows (a bitmask).
+        mask = jnp.sum(jnp.left_shift(1, kept.astype(jnp.int32)))
+        return table[lookup[jnp.argmax(masks == mask)]]
+      if variant == "exhaustive":
+        return subsets.best_subset(score, n, f, elements_per_subset=1)
+      if variant == "one chunk":
+        return subsets.best_subset_by_bound(score, bounds, n, f, elements_per_subset=1)
+      if variant == "chunks of 7":   # first, second and many rest chunks, the last padded
+        return subsets.best_subset_by_bound(score, bounds, n, f,
+                                            elements_per_subset=2**20 // 7)
+      # A score that takes a whole chunk of subsets ([c, f], [c, n - f] -> [c]).
+      return subsets.best_subset_by_bound(
+          lambda removed, kept: jnp.stack([score(r, k) for r, k in zip(removed, kept)]),
+          bounds, n, f, elements_per_subset=1, batched=True)
+
     rng = np.random.default_rng(0)
     for trial in range(5):
       values = rng.integers(3, 9, size=count).astype(np.float32)
       values[rng.random(count) < 0.1] = np.nan
       bounds = values - rng.random(count).astype(np.float32) * 4 * (trial % 2)
       bounds[rng.random(count) < 0.05] = np.nan       # unknown bound: scored first
-      table = jnp.asarray(values)
-      index_of = {tuple(k): i for i, k in enumerate(subsets.kept_sets(n, f).tolist())}
-      lookup = jnp.asarray(np.array([index_of[tuple(k)] for k in subsets.kept_sets(n, f).tolist()]))
-
-      def score(removed, kept):
-        del removed
-        # The subset's position in kept-set order, from its kept rows (a bitmask).
-        mask = jnp.sum(jnp.left_shift(1, kept.astype(jnp.int32)))
-        masks = jnp.asarray(np.array([sum(1 << int(i) for i in k)
-                                      for k in subsets.kept_sets(n, f)]))
-        return table[lookup[jnp.argmax(masks == mask)]]
-      expected = np.asarray(subsets.best_subset(score, n, f, elements_per_subset=1))
-      got = np.asarray(subsets.best_subset_by_bound(score, jnp.asarray(bounds), n, f,
-                                                    elements_per_subset=1))
-      np.testing.assert_array_equal(got, expected)
-      # Chunks of 7 subsets (first, second and many rest chunks, the last one padded).
-      small = np.asarray(subsets.best_subset_by_bound(score, jnp.asarray(bounds), n, f,
-                                                      elements_per_subset=2**20 // 7))
-      np.testing.assert_array_equal(small, expected)
-      # A score that takes a whole chunk of subsets ([c, f], [c, n - f] -> [c]) finds the same.
-      chunked = np.asarray(subsets.best_subset_by_bound(
-          lambda removed, kept: jnp.stack([score(r, k) for r, k in zip(removed, kept)]),
-          jnp.asarray(bounds), n, f, elements_per_subset=1, batched=True))
-      np.testing.assert_array_equal(chunked, expected)
+      table, bounds = jnp.asarray(values), jnp.asarray(bounds)
+      expected = np.asarray(searches(table, bounds, "exhaustive"))
+      for variant in ("one chunk", "chunks of 7", "batched"):
+        np.testing.assert_array_equal(np.asarray(searches(table, bounds, variant)), expected,
+                                      err_msg=f"trial {trial}, {variant}")
       first = np.nanargmin(np.where(np.isnan(values), np.inf, values))
-      np.testing.assert_array_equal(np.flatnonzero(got), subsets.kept_sets(n, f)[first])
+      np.testing.assert_array_equal(np.flatnonzero(expected), kept_sets[first])
 
   def test_pair_sums_against_numpy(self):
     rng = np.random.default_rng(3)
@@ -279,16 +293,17 @@ class SpectralFilterTest(parameterized.TestCase):
       rules.caf(np.zeros((6, 3), np.float32), 1, max_iters=0)
     x = spread_rows(5, 10, 16, 3).astype(np.float32)
     perm = np.random.default_rng(1).permutation(10)
-    for rule in (rules.caf, rules.smea):
+    for eager in (rules.caf, rules.smea):
+      rule = jax.jit(eager, static_argnums=1)      # one compilation, not one per operation
       expected = np.asarray(rule(x, 3))
       np.testing.assert_allclose(rule(x[perm], 3), expected, rtol=1e-4, atol=1e-4)
       tree = {"a": x[:, :8], "b": x[:, 8:].reshape(10, 4, 2)}
       out = rule(tree, 3)
       np.testing.assert_allclose(np.concatenate([out["a"], out["b"].reshape(8)]), expected,
                                  rtol=1e-4, atol=1e-4)
-      batched = jax.jit(jax.vmap(lambda rows: rule(rows, 3)))(np.stack([x, x[perm]]))
+      batched = jax.jit(jax.vmap(lambda rows: eager(rows, 3)))(np.stack([x, x[perm]]))
       np.testing.assert_allclose(batched, np.stack([expected, expected]), rtol=1e-4, atol=1e-4)
-      np.testing.assert_allclose(helpers.run_coordinate_sharded(rule, x, f=3), expected,
+      np.testing.assert_allclose(helpers.run_coordinate_sharded(eager, x, f=3), expected,
                                  rtol=1e-4, atol=1e-4)
 
   def test_far_away_rows_leave_the_output_near_the_honest_mean(self):
@@ -407,12 +422,13 @@ class DncTest(parameterized.TestCase):
     x = np.concatenate([honest, honest[:2] + 1.0]).astype(np.float32)
     kept = np_dnc_kept(x.astype(np.float64), 2)
     self.assertEqual(kept, set(range(10)))
+    dnc = jax.jit(rules.dnc, static_argnums=1, static_argnames="subsample_size")
     for key in jax.random.split(jax.random.key(3), 3):
-      got = rules.dnc(jnp.asarray(x), 2, key, subsample_size=100)
+      got = dnc(jnp.asarray(x), 2, key, subsample_size=100)
       np.testing.assert_allclose(got, x[:10].astype(np.float64).mean(0), rtol=0, atol=2e-2)
       # Coordinate shards pick the same reference row from the psum-ed norms.
       sharded = helpers.run_coordinate_sharded(rules.dnc, x, f=2, key=key, subsample_size=16)
-      expected = rules.dnc(jnp.asarray(x), 2, key, subsample_size=16)
+      expected = dnc(jnp.asarray(x), 2, key, subsample_size=16)
       np.testing.assert_allclose(sharded, expected, rtol=0, atol=2e-2)
       np.testing.assert_allclose(expected, x[:10].astype(np.float64).mean(0), rtol=0, atol=2e-2)
 
