@@ -41,12 +41,15 @@ from experiments import report
 
 
 def nasty_rows(n: int, d: int, f: int, seed: int = 0) -> np.ndarray:
-  """``n - f`` Gaussian rows (row 1 a copy of row 0), ``f - 1`` rows 100x away and one NaN."""
+  """``n - f`` Gaussian rows (row 1 a copy of row 0), ``f - 1`` rows 100x away and one NaN
+  (with ``f >= 1``; ``f = 0``: Gaussian rows only)."""
   rng = np.random.default_rng(seed)
   x = rng.normal(size=(n, d)).astype(np.float32)
-  x[1] = x[0]
-  x[n - f:n - 1] = 100 * rng.normal(size=(f - 1, d))
-  x[n - 1, ::7] = np.nan
+  if n > 1:
+    x[1] = x[0]
+  if f >= 1:
+    x[n - f:n - 1] = 100 * rng.normal(size=(f - 1, d))
+    x[n - 1, ::7] = np.nan
   return x
 
 

@@ -177,6 +177,7 @@ def test_backend_check_tiny(tmp_path):
   from experiments import backend_check
   x = backend_check.nasty_rows(8, 40, 2)
   assert np.array_equal(x[0], x[1]) and np.isnan(x[7]).any() and np.abs(x[6]).max() > 50
+  assert np.isfinite(backend_check.nasty_rows(3, 5, 0)).all()      # f = n // 4 = 0
   rules = ["mean", "krum", "caf", "signguard", "arc", "arc (donated)"]
   results = backend_check.main(["--n", "8", "--d", "64,80", "--reps", "2", "--rules",
                                 ",".join(rules), "--out", str(tmp_path), "--quiet"])
