@@ -27,10 +27,6 @@ __all__ = [
 # The bandwidth quantile of the authors' code (scikit-learn's default is 0.3).
 _QUANTILE = 0.5
 
-# Every product at full float32 precision: on GPUs (TF32) and TPUs (bfloat16) JAX's default
-# precision would round the operands to 10 or 8 mantissa bits.
-_HIGHEST = jax.lax.Precision.HIGHEST
-
 
 def sign_statistics(x, key, s: int, *, axis_name=None) -> jax.Array:
   """``[n, 3]``: each row's fractions of positive, zero and negative values over a stratified
@@ -41,9 +37,9 @@ def sign_statistics(x, key, s: int, *, axis_name=None) -> jax.Array:
   signs, zeros = 0, 0
   for sample in sampling.sample_coordinates(x, key, s, axis_name=axis_name):
     weight = sample.valid.astype(sample.values.dtype)
-    signs = signs + jnp.matmul(jnp.sign(sample.values), weight, precision=_HIGHEST)
+    signs = signs + jnp.matmul(jnp.sign(sample.values), weight, precision=tree_lib.HIGHEST)
     zeros = zeros + jnp.matmul((sample.values == 0).astype(weight.dtype), weight,
-                               precision=_HIGHEST)
+                               precision=tree_lib.HIGHEST)
   if axis_name is not None:
     signs, zeros = jax.lax.psum((signs, zeros), axis_name)
   total = min(s, sampling.num_coordinates(x, axis_name))

@@ -19,10 +19,6 @@ from flagjax.core import spectral
 from flagjax.core import subsets
 from flagjax.core import tree as tree_lib
 
-# Every product at full float32 precision: on GPUs (TF32) and TPUs (bfloat16) JAX's default
-# precision would round the operands to 10 or 8 mantissa bits.
-_HIGHEST = jax.lax.Precision.HIGHEST
-
 __all__ = [
     "smea",
     "smea_coefficients",
@@ -111,7 +107,7 @@ def _eigenvalue_bounds(K: jax.Array, finite: jax.Array, n: int, f: int) -> jax.A
   K = K / unit
   G = jnp.where(both, spectral.centered_gram(K, weights), 0)
   axes = jnp.linalg.eigh(G)[1][:, -2:]                       # [n, 2], ascending
-  q = jnp.matmul(G, axes, precision=_HIGHEST)                # projections, unwhitened
+  q = jnp.matmul(G, axes, precision=tree_lib.HIGHEST)        # projections, unwhitened
   lengths = jnp.maximum(jnp.sum(axes * q, 0), 0)             # |v_k|^2 = a_k^T G a_k
   usable = lengths >= 1e-2 * lengths[1]
   q = jnp.where(usable, q / jnp.sqrt(jnp.where(usable, lengths, 1)), 0)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from flagjax.core import tree as tree_lib
+
 __all__ = [
     "largest_agglomerative_group",
     "largest_mean_shift_cluster",
@@ -21,10 +23,6 @@ __all__ = [
 # 1e-3 bandwidths.
 _MAX_SHIFTS = 300
 _STOP_FRACTION = 1e-3
-
-# Every product at full float32 precision: on GPUs (TF32) and TPUs (bfloat16) JAX's default
-# precision would round the operands to 10 or 8 mantissa bits.
-_HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def _pairwise_distances(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -77,7 +75,7 @@ def largest_mean_shift_cluster(points: jax.Array, active: jax.Array, *,
   def shift(centres):
     member = within(centres).astype(points.dtype)
     count = jnp.sum(member, axis=1, keepdims=True)
-    means = jnp.matmul(member, points, precision=_HIGHEST) / jnp.maximum(count, 1)
+    means = jnp.matmul(member, points, precision=tree_lib.HIGHEST) / jnp.maximum(count, 1)
     return jnp.where(count > 0, means, centres)
 
   def keep_going(carry):

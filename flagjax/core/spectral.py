@@ -28,6 +28,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from flagjax.core import tree as tree_lib
+
 __all__ = [
     "LANCZOS_MIN_ROWS",
     "TopEigenpair",
@@ -53,10 +55,6 @@ _CERTIFICATE_SLACK = 16
 # matrix (2-core CPU): 1.4 us at 1,024, 0.8 us at 4,096-8,192, 2.5 us at 36,036.
 _STACK_PIECE = 8192
 
-# Every product at full float32 precision: on GPUs (TF32) and TPUs (bfloat16) JAX's default
-# precision would round the operands to 10 or 8 mantissa bits.
-_HIGHEST = jax.lax.Precision.HIGHEST
-
 
 class TopEigenpair(NamedTuple):
   """The top eigenpair of a weighted covariance, in Gram space.
@@ -81,10 +79,11 @@ def centered_gram(K: jax.Array, weights: jax.Array) -> jax.Array:
   reductions there are ~4x slower).
   """
   if K.ndim == 2:
-    Kw = jnp.matmul(K, weights, precision=_HIGHEST)
-    return K - Kw[:, None] - Kw[None, :] + jnp.dot(weights, Kw, precision=_HIGHEST)
+    Kw = jnp.matmul(K, weights, precision=tree_lib.HIGHEST)
+    return K - Kw[:, None] - Kw[None, :] + jnp.dot(weights, Kw, precision=tree_lib.HIGHEST)
   n = K.shape[0]
-  Kw = jnp.matmul(weights, K.reshape(n, -1), precision=_HIGHEST).reshape(n, -1)  # [n, count]
+  Kw = jnp.matmul(weights, K.reshape(n, -1),
+                  precision=tree_lib.HIGHEST).reshape(n, -1)       # [n, count]
   return K - Kw[:, None] - Kw[None, :] + jnp.sum(Kw * weights[:, None], 0)
 
 
@@ -118,24 +117,25 @@ def _lanczos_ritz(M: jax.Array, start: jax.Array, max_steps: int, check_every: i
   images = jnp.zeros((max_steps, n), dtype)            # M q_j
 
   def ritz(basis, images):
-    projected = jnp.matmul(basis, images.T, precision=_HIGHEST)   # Q M Q^T
+    projected = jnp.matmul(basis, images.T, precision=tree_lib.HIGHEST)  # Q M Q^T
     # Rows of Q not (yet) filled are 0; their -1 keeps them below every Ritz value of the
     # PSD M (all >= 0 up to rounding), so the top Ritz vector is never made of them.
     unused = jnp.all(basis == 0, axis=1)
     projected = 0.5 * (projected + projected.T) - jnp.diag(unused.astype(dtype))
     values, vectors = jnp.linalg.eigh(projected)
     coefficients = vectors[:, -1]
-    vector = jnp.matmul(coefficients, basis, precision=_HIGHEST)
-    residual = jnp.linalg.norm(jnp.matmul(coefficients, images, precision=_HIGHEST)
+    vector = jnp.matmul(coefficients, basis, precision=tree_lib.HIGHEST)
+    residual = jnp.linalg.norm(jnp.matmul(coefficients, images, precision=tree_lib.HIGHEST)
                                - values[-1] * vector)
     return values[-1], vector, residual
 
   def extend(j, carry):
     basis, images = carry
-    image = jnp.matmul(M, basis[j], precision=_HIGHEST)
+    image = jnp.matmul(M, basis[j], precision=tree_lib.HIGHEST)
     w = image
     for _ in range(2):
-      w = w - jnp.matmul(basis.T, jnp.matmul(basis, w, precision=_HIGHEST), precision=_HIGHEST)
+      coefficients = jnp.matmul(basis, w, precision=tree_lib.HIGHEST)
+      w = w - jnp.matmul(basis.T, coefficients, precision=tree_lib.HIGHEST)
     norm = jnp.linalg.norm(w)
     # Breakdown: what is left is rounding (the basis spans an invariant subspace). Normalised,
     # it would be a direction no longer orthogonal to the basis; a zero vector ends the basis.
@@ -255,7 +255,7 @@ def top_eigenpair(K: jax.Array, weights: jax.Array) -> TopEigenpair:
   M = root[:, None] * G * root[None, :]
   value, a = symmetric_top_eigenpair(M)
   positive = value > 0
-  projections = (jnp.matmul(G, root * a, precision=_HIGHEST)
+  projections = (jnp.matmul(G, root * a, precision=tree_lib.HIGHEST)
                  / jnp.sqrt(jnp.where(positive, value, 1)))
   return TopEigenpair(value, jnp.where(positive, projections, 0))
 

@@ -11,6 +11,9 @@ A top-level Python ``list`` of equally shaped 1-D arrays is refused with a ``Val
 that says to stack them: users coming from ByzFL pass a list of worker vectors, which JAX
 would read as a pytree of ``d``-row leaves and aggregate silently wrong. A pytree of stacked
 leaves goes as a tuple or a dict (or a list of leaves of different shapes).
+
+Every matrix product computes in the full precision of its dtype (:data:`HIGHEST`), on every
+backend.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 __all__ = [
+    "HIGHEST",
     "check_dtypes",
     "check_not_worker_list",
     "check_rows_match_params",
@@ -35,6 +39,11 @@ __all__ = [
 ]
 
 PyTree = Any
+
+# The precision every product in flagjax asks for. JAX's default for float32 products is full
+# float32 only on the CPU: TF32 (10 mantissa bits) on recent NVIDIA GPUs and bfloat16 passes
+# on TPUs. tests/test_precision.py checks every rule's traced program for it.
+HIGHEST = jax.lax.Precision.HIGHEST
 
 
 def check_not_worker_list(rule: str, x: PyTree) -> None:
