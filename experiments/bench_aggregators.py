@@ -73,7 +73,6 @@ import math
 import os
 import platform
 import sys
-import tempfile
 import time
 import types
 from typing import Any, Callable, Optional, Sequence
@@ -82,6 +81,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments import report
 from flagjax import aggregators
 from flagjax import preaggregators
 
@@ -661,29 +661,8 @@ def plot(results: dict, path: str) -> None:
   fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0, 0.5), fontsize=8)
   fig.suptitle(f"Aggregation time against {across} — {results['machine']['summary']}")
   fig.tight_layout()
-  write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png"))
+  report.save_figure(fig, path)
   plt.close(fig)
-
-
-def write_atomic(path: str, write: Callable[[str], None]) -> None:
-  """Writes through ``write(temporary path)`` then renames, so readers never see half a file."""
-  directory = os.path.dirname(os.path.abspath(path))
-  os.makedirs(directory, exist_ok=True)
-  handle, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=os.path.basename(path))
-  os.close(handle)
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-
-
-def write_text(path: str, text: str) -> None:
-  def write(tmp):
-    with open(tmp, "w") as handle:
-      handle.write(text)
-  write_atomic(path, write)
 
 
 def machine_summary() -> dict:
@@ -796,9 +775,9 @@ def merge_runs(runs: Sequence[dict]) -> dict:
 def write_outputs(results: dict, out: str, make_plot: bool = True) -> str:
   """Writes ``aggregators.json``, ``.md`` and ``.png`` into ``out``; returns the markdown."""
   os.makedirs(out, exist_ok=True)
-  write_text(os.path.join(out, "aggregators.json"), json.dumps(results, indent=1))
+  report.atomic_write_text(os.path.join(out, "aggregators.json"), json.dumps(results, indent=1))
   table = markdown(results)
-  write_text(os.path.join(out, "aggregators.md"), table)
+  report.atomic_write_text(os.path.join(out, "aggregators.md"), table)
   if make_plot and results["cells"]:
     plot(results, os.path.join(out, "aggregators.png"))
   return table
@@ -822,9 +801,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     cells = [memory_cell(n, d, rules, args) for n in args.n for d in args.d]
     results = {"machine": machine_summary(), "cells": cells}
     os.makedirs(args.out, exist_ok=True)
-    write_text(os.path.join(args.out, "memory.json"), json.dumps(results, indent=1))
+    report.atomic_write_text(os.path.join(args.out, "memory.json"), json.dumps(results, indent=1))
     table = memory_markdown(results)
-    write_text(os.path.join(args.out, "memory.md"), table)
+    report.atomic_write_text(os.path.join(args.out, "memory.md"), table)
     if not args.quiet:
       print(table)
     return results

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import bench_aggregators
+from experiments import report
 from flagjax.core import sorting
 
 
@@ -122,10 +123,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
   results = {"machine": bench_aggregators.machine_summary(), "d": d,
              "cells": [bench(n, d, args.reps, args.network_max_n) for n in args.n]}
   os.makedirs(args.out, exist_ok=True)
-  bench_aggregators.write_text(os.path.join(args.out, "sorting.json"),
+  report.atomic_write_text(os.path.join(args.out, "sorting.json"),
                                json.dumps(results, indent=1))
   table = markdown(results)
-  bench_aggregators.write_text(os.path.join(args.out, "sorting.md"), table)
+  report.atomic_write_text(os.path.join(args.out, "sorting.md"), table)
   if not args.quiet:
     print(table)
   return results

@@ -54,6 +54,7 @@ from flagjax import aggregators  # noqa: E402
 from experiments import bench_aggregators  # noqa: E402
 from experiments import data as data_lib  # noqa: E402
 from experiments import models  # noqa: E402
+from experiments import report  # noqa: E402
 
 BACKENDS = ("vmap", "pmap", "shard_map")
 
@@ -199,7 +200,7 @@ def plot(results: dict, path: str) -> None:
   ax.legend(fontsize=8)
   ax.grid(True, axis="y", alpha=0.3)
   fig.tight_layout()
-  bench_aggregators.write_atomic(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+  report.save_figure(fig, path, tight=False)
   plt.close(fig)
 
 
@@ -249,10 +250,10 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
              "devices": len(jax.devices()),
              "args": vars(args), "records": records}
   os.makedirs(args.out, exist_ok=True)
-  bench_aggregators.write_text(os.path.join(args.out, "throughput.json"),
+  report.atomic_write_text(os.path.join(args.out, "throughput.json"),
                                 json.dumps(results, indent=1))
   table = markdown(results)
-  bench_aggregators.write_text(os.path.join(args.out, "throughput.md"), table)
+  report.atomic_write_text(os.path.join(args.out, "throughput.md"), table)
   if not args.no_plot and any("ratio_to_mean" in r for r in records):
     plot(results, os.path.join(args.out, "throughput.png"))
   if not args.quiet:

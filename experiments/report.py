@@ -128,10 +128,11 @@ def _pyplot():
   return plt
 
 
-def _save_figure(fig, path: str, dpi: int) -> None:
+def save_figure(fig, path: str, *, dpi: int = 110, tight: bool = True) -> None:
+  """Saves ``fig`` as a PNG at ``path`` atomically (``tight``: cropped to its contents)."""
   import io
   buffer = io.BytesIO()
-  fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight")
+  fig.savefig(buffer, format="png", dpi=dpi, bbox_inches="tight" if tight else None)
   atomic_write_bytes(path, buffer.getvalue())
 
 
@@ -171,7 +172,7 @@ def plot_curves(path: str, curves: dict, *, title: str, chance: Optional[float] 
   ax.set_title(title, fontsize=10)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
-  _save_figure(fig, path, dpi)
+  save_figure(fig, path, dpi=dpi)
   plt.close(fig)
 
 
@@ -210,7 +211,7 @@ def plot_heatmap(path: str, values: np.ndarray, row_labels: Sequence[str],
   ax.set_xticks(range(cols), col_labels, rotation=35, ha="right", fontsize=8)
   ax.set_yticks(range(rows), row_labels, fontsize=8)
   ax.set_title(title, fontsize=10)
-  _save_figure(fig, path, dpi)
+  save_figure(fig, path, dpi=dpi)
   plt.close(fig)
 
 
