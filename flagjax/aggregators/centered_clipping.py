@@ -27,8 +27,6 @@ __all__ = [
     "centered_clipping_row_coefficients",
 ]
 
-_HIGHEST = jax.lax.Precision.HIGHEST
-
 
 @gram_lib.translation_invariant
 def centered_clipping_coefficients(K: jax.Array, *, tau: float = 10.0,
@@ -71,8 +69,8 @@ def centered_clipping_coefficients(K: jax.Array, *, tau: float = 10.0,
   row_mask = finite[:num_rows]
 
   def step(_, a):
-    Ka = jnp.matmul(K, a, precision=_HIGHEST)
-    sq_dist = jnp.maximum(diag - 2 * Ka[:num_rows] + jnp.dot(a, Ka, precision=_HIGHEST), 0)
+    Ka = jnp.matmul(K, a, precision=tree_lib.HIGHEST)
+    sq_dist = jnp.maximum(diag - 2 * Ka[:num_rows] + jnp.dot(a, Ka, precision=tree_lib.HIGHEST), 0)
     dist = jnp.sqrt(sq_dist)
     # min(1, tau / dist) written so that dist = 0 gives 1, never tau / 0.
     scale = jnp.where(dist > tau, tau / jnp.where(dist > tau, dist, 1), 1)

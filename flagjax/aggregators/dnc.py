@@ -59,7 +59,7 @@ def _centred_gram(samples: list, axis_name) -> jax.Array:
   K = 0
   for values in samples:
     centred = values - values[reference][None, :]
-    K = K + jnp.matmul(centred, centred.T, precision=jax.lax.Precision.HIGHEST)
+    K = K + jnp.matmul(centred, centred.T, precision=tree_lib.HIGHEST)
   return K if axis_name is None else jax.lax.psum(K, axis_name)
 
 

@@ -133,8 +133,6 @@ _PAIR_MIN_DISTANCE = {"float64": 1e-6, "float32": 1e-3}
 # |u_i - u_j|^2 (module docstring, "Near-duplicate rows").
 _PAIR_MIN_RESOLVED = 0.99
 
-_HI = jax.lax.Precision.HIGHEST
-
 # IRLS starts run by default (see flag_solve, "num_starts"): the flag-mean start alone, as the
 # design specifies (Y_0 = top_r S(1)); more starts are opt-in (module docstring).
 DEFAULT_NUM_STARTS = 1
@@ -311,13 +309,13 @@ def _subspace_basis(problem: _Problem, weights: jax.Array, pair_weights: jax.Arr
   """
   R = problem.coordinates
   if problem.pairs is None:
-    H = jnp.matmul(R * weights[None, :], R.T, precision=_HI)
+    H = jnp.matmul(R * weights[None, :], R.T, precision=tree_lib.HIGHEST)
   else:
     adjacency = problem.pair_scale * pair_weights / problem.pair_sq_distances
     adjacency = adjacency + adjacency.T
     laplacian = jnp.diag(jnp.sum(adjacency, axis=1)) - adjacency
     M = jnp.diag(weights) + laplacian
-    H = jnp.matmul(jnp.matmul(R, M, precision=_HI), R.T, precision=_HI)
+    H = jnp.matmul(jnp.matmul(R, M, precision=tree_lib.HIGHEST), R.T, precision=tree_lib.HIGHEST)
   # Dropped eigen-directions of G are exact zero rows/columns of H; shifting them below the
   # whole spectrum keeps them out of the top r whatever the rounding of the positive part.
   shift = jnp.trace(H) + 1
@@ -351,7 +349,7 @@ def _fit(problem: _Problem, basis: jax.Array) -> _Fit:
   fit error, and would put a floor of ~1e-3 (float32) under ``A`` of inputs it fits exactly.
   """
   n = basis.shape[0]
-  coords = jnp.matmul(basis.T, problem.coordinates, precision=_HI)  # [n, n]
+  coords = jnp.matmul(basis.T, problem.coordinates, precision=tree_lib.HIGHEST)  # [n, n]
   inside = (jnp.arange(n) < problem.rank)[:, None]
   outside = jnp.where(inside, 0, coords)  # (I - Y Y^T) u_i in an orthonormal basis
   values = jnp.sum(jnp.where(inside, coords, 0) ** 2, axis=0)
@@ -462,12 +460,12 @@ def _output_coefficients(problem: _Problem, basis: jax.Array, num_columns: int,
     weights_on_u = kept * problem.row_norms / num_kept
   else:  # "norm"
     weights_on_u = kept * sorting.masked_median(problem.row_norms, problem.kept) / num_kept
-  projections = jnp.matmul(directions.T, problem.coordinates, precision=_HI)  # P = z^T R
-  on_basis = jnp.matmul(projections, weights_on_u, precision=_HI)
+  highest = tree_lib.HIGHEST
+  projections = jnp.matmul(directions.T, problem.coordinates, precision=highest)  # P = z^T R
+  on_basis = jnp.matmul(projections, weights_on_u, precision=highest)
   # B = Q g_+^{-1/2} z maps subspace coordinates back to coefficients on the u_i.
-  on_u = jnp.matmul(problem.eigvecs,
-                    problem.inv_sqrt_eigvals * jnp.matmul(directions, on_basis, precision=_HI),
-                    precision=_HI)
+  on_subspace = problem.inv_sqrt_eigvals * jnp.matmul(directions, on_basis, precision=highest)
+  on_u = jnp.matmul(problem.eigvecs, on_subspace, precision=highest)
   safe_norms = jnp.where(problem.kept, problem.row_norms, 1)
   return jnp.where(problem.kept, on_u / safe_norms, 0)
 

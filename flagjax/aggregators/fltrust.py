@@ -85,7 +85,7 @@ def fltrust(x, server_update, *, axis_name=None):
     compute = tree_lib.compute_dtype(leaf.dtype)
     unit = (g.reshape(-1).astype(compute) * scale.astype(compute))
     dots = dots + jnp.matmul(leaf.reshape(n, -1).astype(compute), unit,
-                             precision=jax.lax.Precision.HIGHEST).astype(norms.dtype)
+                             precision=tree_lib.HIGHEST).astype(norms.dtype)
   if axis_name is not None:
     dots = jax.lax.psum(dots, axis_name)
   return gram_lib.combine(trust_coefficients(norms, dots, server_norm), x)

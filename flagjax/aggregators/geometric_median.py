@@ -27,8 +27,6 @@ __all__ = [
     "geometric_median_coefficients",
 ]
 
-_HIGHEST = jax.lax.Precision.HIGHEST
-
 
 class _WeiszfeldState(NamedTuple):
   coefficients: jax.Array  # [n], z = sum_j c_j x_j
@@ -89,7 +87,7 @@ def geometric_median_coefficients(K: jax.Array, *, max_iters: int = 100, tol: fl
   nu = jnp.asarray(nu, dtype)
 
   def matvec(c):
-    return jnp.matmul(K, c, precision=_HIGHEST)
+    return jnp.matmul(K, c, precision=tree_lib.HIGHEST)
 
   medoid_scores = jnp.sum(jnp.where(finite[None, :], jnp.sqrt(D), 0), axis=1)
   medoid = jnp.argmin(jnp.where(finite, medoid_scores, jnp.inf))
@@ -101,7 +99,7 @@ def geometric_median_coefficients(K: jax.Array, *, max_iters: int = 100, tol: fl
 
   def body(state):
     c, Kc = state.coefficients, state.gram_times_c
-    cKc = jnp.dot(c, Kc, precision=_HIGHEST)
+    cKc = jnp.dot(c, Kc, precision=tree_lib.HIGHEST)
     sq_dist = jnp.maximum(diag - 2 * Kc + cKc, 0)
     coincident = finite & (sq_dist <= nu**2 + rounding * (diag + jnp.maximum(cKc, 0)))
     away = finite & ~coincident
@@ -109,7 +107,7 @@ def geometric_median_coefficients(K: jax.Array, *, max_iters: int = 100, tol: fl
     total = jnp.sum(w)
     target = w / jnp.where(total > 0, total, 1)
     step = target - c
-    pull = total * jnp.sqrt(jnp.maximum(jnp.dot(step, matvec(step), precision=_HIGHEST), 0))
+    pull = total * jnp.sqrt(jnp.maximum(jnp.dot(step, matvec(step), precision=tree_lib.HIGHEST), 0))
     count = jnp.sum(coincident).astype(dtype)
     stay = jnp.where(count > 0, jnp.minimum(1, count / jnp.where(pull > 0, pull, 1)), 0)
     stay = jnp.where((count > 0) & (pull <= 0), 1, stay)
@@ -118,8 +116,8 @@ def geometric_median_coefficients(K: jax.Array, *, max_iters: int = 100, tol: fl
     K_new = matvec(new)
     delta = new - c
     # |z' - z|^2 as delta^T K delta, not from K_new - Kc: that difference cancels badly.
-    sq_change = jnp.maximum(jnp.dot(delta, matvec(delta), precision=_HIGHEST), 0)
-    sq_scale = jnp.maximum(jnp.dot(new, K_new, precision=_HIGHEST),
+    sq_change = jnp.maximum(jnp.dot(delta, matvec(delta), precision=tree_lib.HIGHEST), 0)
+    sq_scale = jnp.maximum(jnp.dot(new, K_new, precision=tree_lib.HIGHEST),
                            sorting.masked_median(sq_dist, finite, lower=True))
     converged = sq_change <= tol**2 * sq_scale
     return _WeiszfeldState(new, K_new, state.num_iters + 1, converged)

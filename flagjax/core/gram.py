@@ -96,7 +96,7 @@ def _block_gram(block: jax.Array) -> jax.Array:
 
   def product(a, b):
     return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())),
-                               precision=jax.lax.Precision.HIGHEST)
+                               precision=tree_lib.HIGHEST)
 
   upper = {(i, j): product(tiles[i], tiles[j])
            for i in range(num_tiles) for j in range(i, num_tiles)}
@@ -203,7 +203,7 @@ def _leaf_gram(leaf: jax.Array, extra: Optional[jax.Array], dtype, centered: boo
     # One small block (under 2 chunks, ~1 MiB at n=16) is already in cache: there the plain
     # product skips the transpose copy and is ~1.5-2x faster (n=16, d=4810: 73 us vs 166 us).
     return chunk_gram(0, size, reference, lambda block: jnp.matmul(
-        block, block.T, precision=jax.lax.Precision.HIGHEST)), False
+        block, block.T, precision=tree_lib.HIGHEST)), False
   if reference is None:
     step = lambda acc, index: (acc + chunk_gram(index * GRAM_CHUNK, GRAM_CHUNK, None), None)
     first, inputs = chunk_gram(0, GRAM_CHUNK, None), jnp.arange(1, num_chunks)
@@ -445,7 +445,7 @@ def _leaf_combine(coefficients: jax.Array, leaf: jax.Array,
   n = leaf.shape[0]
   if extra is None and leaf.dtype == dtype and n >= COMBINE_MATVEC_MIN_ROWS:
     flat = leaf.reshape(n, -1)
-    product = jnp.matmul(c, flat, precision=jax.lax.Precision.HIGHEST)
+    product = jnp.matmul(c, flat, precision=tree_lib.HIGHEST)
     # A finite product proves that no NaN/Inf row met a zero coefficient (0 * NaN = NaN);
     # otherwise the exact masked sum is taken instead.
     total = jax.lax.cond(jnp.all(jnp.isfinite(product)), lambda: product,
@@ -515,7 +515,7 @@ def combine_many(coefficients: jax.Array, x: PyTree, finite: jax.Array) -> PyTre
 
     def chunk(block):
       block = jnp.where(finite[:, None], block.astype(dtype), 0)
-      product = jnp.matmul(c, block, precision=jax.lax.Precision.HIGHEST)
+      product = jnp.matmul(c, block, precision=tree_lib.HIGHEST)
       return jnp.where(poisoned[:, None], jnp.nan, product).astype(out_dtype)
 
     out = tree_lib.map_column_blocks(flat, GRAM_CHUNK, chunk)
@@ -698,7 +698,7 @@ def nonfinite_rows(x: PyTree, *, axis_name=None) -> jax.Array:
     compute = tree_lib.compute_dtype(flat.dtype)
     weights = jnp.full((flat.shape[1],), 2.0 ** -exponent, compute)
     total = total + jnp.matmul(flat.astype(compute), weights,
-                               precision=jax.lax.Precision.HIGHEST).astype(dtype)
+                               precision=tree_lib.HIGHEST).astype(dtype)
   if axis_name is not None:
     total = jax.lax.psum(total, axis_name)
   return ~jnp.isfinite(total)

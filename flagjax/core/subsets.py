@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flagjax.core import checks
+from flagjax.core import tree as tree_lib
 
 __all__ = [
     "MAX_SUBSETS",
@@ -120,7 +121,7 @@ def pair_sums(values: jax.Array, n: int, f: int) -> jax.Array:
 
   def subset_sums(removed_row):   # one subset; lax.map vmaps it over a chunk: one product
     member = jnp.ones((n,), values.dtype).at[removed_row].set(0)
-    return jnp.matmul(member[first] * member[second], flat, precision=jax.lax.Precision.HIGHEST)
+    return jnp.matmul(member[first] * member[second], flat, precision=tree_lib.HIGHEST)
 
   batch = max(1, min(num_subsets, _CHUNK_ELEMENTS // max(1, len(first))))
   out = jax.lax.map(subset_sums, removed, batch_size=batch)
