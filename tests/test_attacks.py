@@ -63,7 +63,7 @@ def run_sharded(attack, honest, f):
 
 class GradientAttackTest(chex.TestCase):
 
-  @chex.variants(with_jit=True, without_jit=True)
+  @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
   @parameterized.parameters(*DETERMINISTIC)
   def test_against_formula(self, name):
     kwargs, oracle = DETERMINISTIC[name]

@@ -23,7 +23,7 @@ def np_trimmed_mean(x, f):
 
 class CoordinatewiseTest(chex.TestCase):
 
-  @chex.variants(with_jit=True, without_jit=True)
+  @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
   @parameterized.parameters((7, 2), (8, 3), (32, 8), (3, 1))
   def test_against_numpy(self, n, f):
     x = helpers.random_rows(n, n, 13)

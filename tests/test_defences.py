@@ -595,7 +595,7 @@ class ClippedClusteringTest(parameterized.TestCase):
 
 class FLTrustTest(chex.TestCase):
 
-  @chex.variants(with_jit=True, without_jit=True)
+  @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
   def test_against_the_formula(self):
     fn = self.variant(rules.fltrust)
     x = helpers.tied_rows(12, 8, 10)

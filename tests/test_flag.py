@@ -254,7 +254,7 @@ def test_property_monotone_and_equivariant(n, seed, lam):
 
 class FlagTransformsTest(chex.TestCase):
 
-  @chex.variants(with_jit=True, without_jit=True)
+  @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
   @parameterized.parameters(0.0, 3.0)
   def test_float32_against_reference(self, lam):
     x = helpers.random_rows(5, 9, 40)

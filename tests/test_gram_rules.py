@@ -139,7 +139,7 @@ def standard_center(seed, dtype=np.float32):
 
 class GramRulesTest(chex.TestCase):
 
-  @chex.variants(with_jit=True, without_jit=True)
+  @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
   def test_against_numpy(self):
     x, center = standard_rows(0), standard_center(1)
     fixed = self.variant(lambda x: aggregators.geometric_median(x, max_iters=30, tol=0.0))(x)
@@ -413,7 +413,7 @@ def np_normalized_mean(x):
 
 class NormalizedMeanTest(chex.TestCase):
 
-  @chex.variants(with_jit=True, without_jit=True)
+  @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
   def test_against_numpy_with_ties_zeros_and_byzantine_rows(self):
     fn = self.variant(aggregators.normalized_mean)
     x = helpers.tied_rows(30, 9, 12)

@@ -108,7 +108,7 @@ RULES = {"krum": np_krum, "multi_krum": np_multi_krum, "bulyan": np_bulyan}
 
 class KrumTest(chex.TestCase):
 
-  @chex.variants(with_jit=True, without_jit=True)
+  @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
   @parameterized.parameters((7, 2), (11, 2), (12, 4), (3, 0))
   def test_krum_and_multi_krum_against_numpy(self, n, f):
     x = helpers.random_rows(n, n, 13)

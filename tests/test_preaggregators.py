@@ -124,7 +124,7 @@ def run_rows_sharded(fn, x):
 
 class PreaggregatorsTest(chex.TestCase):
 
-  @chex.variants(with_jit=True, without_jit=True)
+  @chex.variants(with_jit=True, without_jit=True, with_pmap=True)
   def test_against_numpy(self):
     x = standard_rows(0)
     perm = permutation(KEY, N)
