@@ -6,7 +6,8 @@ Gradient attacks share one signature,
 
 where ``honest`` holds the honest workers' updates stacked on a leading axis (``[h, ...]`` or
 a pytree of such leaves) and the result holds ``f`` rows in the same structure and dtype
-(``[f, ...]``). Hyperparameters are keyword arguments; bind them with ``functools.partial``
+(``[f, ...]``; integer or bool honest rows give float32 rows, as the rules return, never
+truncated values). Hyperparameters are keyword arguments; bind them with ``functools.partial``
 (``functools.partial(attacks.ipm, eps=0.5)``) to hand an attack to :mod:`flagjax.sim`.
 
 =================  =========================================================================

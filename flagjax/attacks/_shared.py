@@ -54,9 +54,10 @@ def honest_std(honest32: PyTree, mean32: PyTree, h: int) -> PyTree:
 
 
 def repeat_row(row: PyTree, f: int, like: PyTree) -> PyTree:
-  """``f`` copies of ``row`` stacked on a leading axis, in the dtypes of ``like``'s leaves."""
+  """``f`` copies of ``row`` stacked on a leading axis, in the output dtypes of ``like``'s
+  leaves (:func:`flagjax.core.tree.output_dtype`: floating point kept, integers -> float32)."""
   def leaf_fn(r, leaf):
-    r = r.astype(leaf.dtype)
+    r = r.astype(tree_lib.output_dtype(leaf.dtype))
     if f <= 1:
       return jnp.broadcast_to(r[None], (f,) + r.shape)
     # zeros_like(r): the buffer has r's sharding type (varying inside shard_map).

@@ -32,7 +32,8 @@ def _damage(rule: Callable, rule_kwargs: dict, honest: PyTree, byzantine: PyTree
             mean32: PyTree, axis_name) -> jax.Array:
   r""":math:`|\mathrm{rule}(\text{honest} \cup \text{byzantine}) - \bar{x}|` (Gram-free:
   squared differences summed per leaf, ``psum``-ed over the coordinate shards)."""
-  stacked = jax.tree.map(lambda a, b: jnp.concatenate([a, b.astype(a.dtype)], 0),
+  # b is in a's output dtype: a's own for floating point, float32 for integer rows.
+  stacked = jax.tree.map(lambda a, b: jnp.concatenate([a.astype(b.dtype), b], 0),
                          honest, byzantine)
   kwargs = dict(rule_kwargs)
   if axis_name is not None:
@@ -139,8 +140,8 @@ def _optimal_attack(name: str, rows_fn, rule: Callable, search_range, num_points
                                direction, f)
     else:
       if trusts_server:
-        rule_kwargs["server_update"] = jax.tree.map(lambda m, x: m.astype(x.dtype), mean32,
-                                                    jax.tree.map(lambda x: x[0], honest))
+        rule_kwargs["server_update"] = jax.tree.map(
+            lambda m, x: m.astype(tree_lib.output_dtype(x.dtype)), mean32, honest)
       damage = lambda factor: _damage(rule, rule_kwargs, honest, make_rows(factor), mean32,
                                       axis_name)
     factor, _ = search_factor(damage, lower, upper, num_points=num_points,
@@ -485,7 +486,7 @@ def fang(honest: PyTree, f: int, key: jax.Array, *, b: float = 2.0, axis_name=No
     hi = jnp.where(lower_side, w_min,
                    jnp.where(w_max > 0, bb * w_max, w_max / bb))
     u = jax.random.uniform(leaf_key, (f,) + leaf.shape[1:], leaf.dtype)
-    return (lo[None] + u * (hi - lo)[None]).astype(like.dtype)
+    return (lo[None] + u * (hi - lo)[None]).astype(tree_lib.output_dtype(like.dtype))
 
   rows = [leaf_rows(leaf, m, k, like) for leaf, m, k, like in
           zip(leaves, jax.tree.leaves(mean32), keys, jax.tree.leaves(honest))]

@@ -52,7 +52,7 @@ def gaussian(honest: PyTree, f: int, key: jax.Array, *, mu: float = 0.0, sigma: 
   leaves, treedef = jax.tree.flatten(honest)
   keys = jax.random.split(key, len(leaves))
   rows = [(mu + sigma * jax.random.normal(k, (f,) + leaf.shape[1:],
-                                          tree_lib.compute_dtype(leaf.dtype))).astype(leaf.dtype)
+                                          tree_lib.compute_dtype(leaf.dtype))).astype(tree_lib.output_dtype(leaf.dtype))
           for leaf, k in zip(leaves, keys)]
   return jax.tree.unflatten(treedef, rows)
 
@@ -89,7 +89,7 @@ def uniform(honest: PyTree, f: int, key: jax.Array, *, minval: float = 0.0,
   leaves, treedef = jax.tree.flatten(honest)
   keys = jax.random.split(key, len(leaves))
   rows = [jax.random.uniform(k, (f,) + leaf.shape[1:], tree_lib.compute_dtype(leaf.dtype),
-                             minval, maxval).astype(leaf.dtype)
+                             minval, maxval).astype(tree_lib.output_dtype(leaf.dtype))
           for leaf, k in zip(leaves, keys)]
   return jax.tree.unflatten(treedef, rows)
 
@@ -250,7 +250,8 @@ def mimic(honest: PyTree, f: int, key: Optional[jax.Array] = None, *, idx: int =
 
 def _constant_rows(name: str, honest: PyTree, f, value: float) -> PyTree:
   _, f = check_counts(name, honest, f)
-  return jax.tree.map(lambda leaf: jnp.full((f,) + leaf.shape[1:], value, leaf.dtype), honest)
+  return jax.tree.map(lambda leaf: jnp.full((f,) + leaf.shape[1:], value,
+                                               tree_lib.output_dtype(leaf.dtype)), honest)
 
 
 def nan(honest: PyTree, f: int, key: Optional[jax.Array] = None, *, axis_name=None) -> PyTree:
