@@ -413,6 +413,32 @@ class DataAttackTest(chex.TestCase):
     other = attacks.augment_gaussian(0.5)({"x": big, "y": self.labels}, jax.random.key(3))
     self.assertFalse(np.allclose(out, other["x"]))
 
+  def test_integer_images_round_and_saturate(self):
+    # uint8 images: x + sigma * noise rounded to the nearest level and clipped to [0, 255]
+    # (a plain cast truncates and wraps 200 + 100 around to 44); the noise is the float
+    # call's own (same key, same shape), so the oracle is exact.
+    images = np.random.default_rng(1).integers(0, 256, size=(4, 8, 8, 1)).astype(np.uint8)
+    images[0] = 255                                              # saturated and black images
+    images[1] = 0
+    sigma = 40.0
+    noise = jax.jit(attacks.augment_gaussian(sigma))
+    noisy = noise((images.astype(np.float32), self.labels), KEY)[0]
+    out = noise((images, self.labels), KEY)[0]
+    self.assertEqual(out.dtype, jnp.uint8)
+    np.testing.assert_array_equal(out, np.clip(np.round(np.asarray(noisy)), 0, 255))
+    self.assertGreater(np.mean(np.asarray(out)[0] == 255), 0.4)  # ~half the noise saturates
+    self.assertGreater(np.mean(np.asarray(out)[1] == 0), 0.4)
+    # int8 (signed) clips to [-128, 127]; the Lotka-Volterra warp rounds its interpolation.
+    signed = (images.astype(np.int16) - 128).astype(np.int8)
+    out = noise((signed, self.labels), KEY)[0]
+    self.assertEqual(out.dtype, jnp.int8)
+    noisy = noise((signed.astype(np.float32), self.labels), KEY)[0]
+    np.testing.assert_array_equal(out, np.clip(np.round(np.asarray(noisy)), -128, 127))
+    warp = jax.jit(attacks.augment_lotka_volterra(0.7))
+    warped = warp((images, self.labels), KEY)[0]
+    float_warped = warp((images.astype(np.float32), self.labels), KEY)[0]
+    np.testing.assert_array_equal(warped, np.round(np.asarray(float_warped)))
+
   @parameterized.parameters(0, 1, 2, 5)
   def test_cat_map_against_definition(self, iterations):
     out = jax.jit(attacks.augment_cat_map(iterations))((self.images, self.labels), KEY)[0]

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flagjax.attacks.data import on_images, split_batch
+from flagjax.attacks.data import on_images, split_batch, to_input_dtype
 from flagjax.core import checks
 from flagjax.core import tree as tree_lib
 
@@ -22,6 +22,9 @@ PyTree = tree_lib.PyTree
 
 def augment_gaussian(sigma: float = 0.1):
   r"""Gaussian-noise augmentation: ``x -> x + sigma * N(0, 1)`` on every input feature.
+
+  Integer inputs (e.g. uint8 images) come back rounded to the nearest level and clipped to
+  their dtype's range; ``sigma`` is in the inputs' own units.
 
   Args:
     sigma: noise standard deviation.
@@ -35,7 +38,7 @@ def augment_gaussian(sigma: float = 0.1):
   def data_attack(batch, key):
     x, y, rebuild = split_batch("augment_gaussian", batch)
     noise = jax.random.normal(key, x.shape, tree_lib.compute_dtype(x.dtype))
-    return rebuild((x + sigma * noise).astype(x.dtype), y)
+    return rebuild(to_input_dtype(x + sigma * noise, x.dtype), y)
   return data_attack
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+import jax
+import jax.numpy as jnp
+
 from flagjax.core import checks
 from flagjax.core import tree as tree_lib
 
@@ -14,6 +17,19 @@ PyTree = tree_lib.PyTree
 
 
 _BATCH_KEYS = (("x", "y"), ("image", "label"))
+
+
+def to_input_dtype(values: jax.Array, dtype) -> jax.Array:
+  """Augmented inputs back in the batch's ``dtype``: floating point by a cast; integer inputs
+  (e.g. uint8 images) rounded to the nearest level and clipped to the dtype's range, where a
+  plain cast would truncate and wrap around (200 + 100 -> 44 in uint8)."""
+  dtype = jnp.dtype(dtype)
+  if jnp.issubdtype(dtype, jnp.integer):
+    info = jnp.iinfo(dtype)
+    values = jnp.clip(jnp.round(values), info.min, info.max)
+  elif dtype == jnp.bool_:
+    values = values > 0.5
+  return values.astype(dtype)
 
 
 def split_batch(name: str, batch):
@@ -52,7 +68,7 @@ def on_images(name: str, image_fn, image_shape):
     out = image_fn(images, key)
     if squeeze:
       out = out[..., 0]
-    return rebuild(out.reshape(x.shape).astype(x.dtype), y)
+    return rebuild(to_input_dtype(out.reshape(x.shape), x.dtype), y)
   return data_attack
 
 
