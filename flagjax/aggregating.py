@@ -352,8 +352,9 @@ def aggregate(rule: Callable, *, worker_momentum: Optional[float] = None,
   ``rule(updates, **hparams)`` shaped like params (gathered and replicated when sharded).
 
   * Gram-space rules (those with a ``<rule>_coefficients(K, ...)`` function, and ``mean``)
-    form ``K`` once and report their per-worker coefficients in
-    ``AggregateState.coefficients`` at no extra cost; other rules report NaN.
+    built with ``num_workers=n`` form ``K`` once and report their per-worker coefficients in
+    ``AggregateState.coefficients`` at no extra cost; other rules, and any rule built without
+    ``num_workers``, keep the ``[0]`` placeholder (see :class:`AggregateState`).
   * A rule with a ``center`` argument (centered clipping) not given one in ``hparams`` is
     stateful: the centre is the previous aggregate, kept in
     ``AggregateState.previous_aggregate`` (zeros at ``init``),
@@ -396,7 +397,8 @@ def aggregate(rule: Callable, *, worker_momentum: Optional[float] = None,
 
   Example:
     >>> import jax.numpy as jnp, optax, flagjax
-    >>> tx = optax.chain(flagjax.aggregate(flagjax.aggregators.krum, f=1), optax.sgd(1.0))
+    >>> krum = flagjax.aggregate(flagjax.aggregators.krum, f=1, num_workers=5)
+    >>> tx = optax.chain(krum, optax.sgd(1.0))
     >>> params = jnp.zeros(2)
     >>> grads = jnp.array([[1.0, 1.0], [1.1, 1.0], [0.9, 1.1], [1.0, 1.05], [99.0, 99.0]])
     >>> updates, state = tx.update(grads, tx.init(params), params)

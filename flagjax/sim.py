@@ -578,13 +578,22 @@ def make_train_step(loss_fn: Callable[..., Any],
       ``local_steps``), or a ``tx`` that does not aggregate (when traced).
 
   Example:
-    >>> import functools, jax, jax.numpy as jnp, optax, flagjax
+    Linear regression on 8 workers, the last 2 sending the sign-flipped honest mean:
+
+    >>> import jax, jax.numpy as jnp, optax, flagjax
     >>> tx = optax.chain(flagjax.aggregate(flagjax.aggregators.trimmed_mean, f=2),
-    ...                  optax.sgd(0.1))  # doctest: +SKIP
+    ...                  optax.sgd(0.1))
     >>> step = flagjax.sim.make_train_step(
     ...     lambda w, b: jnp.mean((b["x"] @ w - b["y"]) ** 2), tx, num_workers=8,
-    ...     num_byzantine=2, attack=flagjax.attacks.sign_flip)  # doctest: +SKIP
-    >>> params, opt_state, metrics = step(params, tx.init(params), batch, key)  # doctest: +SKIP
+    ...     num_byzantine=2, attack=flagjax.attacks.sign_flip)
+    >>> x = jax.random.normal(jax.random.key(0), (8, 32, 3))   # [workers, batch, features]
+    >>> batch = {"x": x, "y": x @ jnp.array([1.0, -2.0, 0.5])}
+    >>> params = jnp.zeros(3)
+    >>> opt_state = tx.init(params)
+    >>> for i in range(100):
+    ...   params, opt_state, metrics = step(params, opt_state, batch, jax.random.key(i))
+    >>> print(jnp.round(params, 3), bool(metrics["honest_loss"] < 1e-6))
+    [ 1.  -2.   0.5] True
   """
   if backend not in BACKENDS:
     raise ValueError(f"{_NAME} needs backend in {BACKENDS}, got backend={backend!r}")
