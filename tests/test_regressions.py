@@ -438,3 +438,34 @@ def test_aggregate_matches_the_rule_with_the_centred_gram():
   tx = flagjax.aggregate(A.centered_clipping, tau=0.5)
   out, _ = tx.update(x - 1000, tx.init(x[0]))
   chex.assert_trees_all_close(out, A.centered_clipping(x - 1000, tau=0.5), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# A pytree with an empty leaf (a zero-size parameter).
+
+EMPTY_LEAF_CALLS = {
+    **F_RULES,
+    "mean": lambda x, f: A.mean(x),
+    "normalized_mean": lambda x, f: A.normalized_mean(x),
+    "caf": A.caf, "smea": A.smea,
+    "dnc": lambda x, f: A.dnc(x, f, KEY, subsample_size=5),
+    "signguard": lambda x, f: A.signguard(x, KEY),
+    "clipped_clustering": lambda x, f: A.clipped_clustering(x),
+    "fltrust": lambda x, f: A.fltrust(x, jax.tree.map(lambda leaf: leaf[0], x)),
+    "bucketing": lambda x, f: PA.bucketing(x, 2, KEY),
+    # Deterministic attacks (a random one draws per leaf: another leaf, other draws).
+    **{name: functools.partial(attack, key=KEY) for name, attack in (
+        ("sign_flip", attacks.sign_flip), ("alie", attacks.alie), ("min_max", attacks.min_max),
+        ("min_sum", attacks.min_sum), ("optimal_ipm(median)", attacks.optimal_ipm(A.median)))},
+}
+EMPTY_LEAF_CALLS.pop("flag_lam8")
+
+
+@pytest.mark.parametrize("name", sorted(EMPTY_LEAF_CALLS))
+def test_an_empty_leaf_changes_nothing(name):
+  # min_max / min_sum raised "zero-size array to reduction operation max" on a [n, 0] leaf.
+  call = jax.jit(EMPTY_LEAF_CALLS[name], static_argnums=1)
+  x = {"w": jnp.asarray(quantised_rows(3, 15, 6))}
+  out = call({**x, "empty": jnp.zeros((15, 0, 2))}, 3)
+  chex.assert_shape(out["empty"], out["w"].shape[:-1] + (0, 2))
+  chex.assert_trees_all_close(out["w"], call(x, 3)["w"], rtol=1e-6, atol=1e-6)

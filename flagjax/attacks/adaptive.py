@@ -302,7 +302,7 @@ def _power_of_two_peak(trees, axis_name) -> jax.Array:
   shards); 1 when they are all zero or not finite."""
   peak = jnp.float32(0)
   for leaf in jax.tree.leaves(trees):
-    peak = jnp.maximum(peak, jnp.max(jnp.abs(leaf)).astype(jnp.float32))
+    peak = jnp.maximum(peak, jnp.max(jnp.abs(leaf), initial=0).astype(jnp.float32))
   if axis_name is not None:
     peak = jax.lax.pmax(peak, axis_name)
   peak = jnp.where(jnp.isfinite(peak) & (peak > 0), peak, 1.0)
