@@ -43,6 +43,10 @@ class UsageError(Exception):
   """A bad option; the message is one line that says what to do."""
 
 
+# check_rule's second trace: a rule refusing this many rows with f = 0 is misconfigured.
+GENEROUS_WORKERS = 64
+
+
 class RuleUnavailable(Exception):
   """The rule cannot run in this setting (its bound on f is broken); shown as ``n/a``."""
 
@@ -147,23 +151,35 @@ def check_rule(spec: Spec, num_workers: int, f: int) -> None:
   """Traces the rule once on ``[n, 4]`` zeros: a broken bound raises :class:`RuleUnavailable`.
 
   The rules check their bounds when traced (``krum needs n >= 2*f + 3, got n=15, f=7``);
-  tracing with :func:`jax.eval_shape` costs no compilation.
+  tracing with :func:`jax.eval_shape` costs no compilation. A ``ValueError`` that the rule
+  raises even without Byzantine workers and with :data:`GENEROUS_WORKERS` rows (or more) is
+  a bad hyperparameter value (``flag:scale=bogus``), not a bound of this setting: a
+  :class:`UsageError`.
   """
   rule = rule_function(spec)
-  kwargs = rule_kwargs(spec, f)
   names = _keyword_names(rule)
 
-  def traced(x):
-    extra = {}
-    if "key" in names:            # a randomised rule gets the step's key from the aggregator
-      extra["key"] = jax.random.key(0)
-    if "server_update" in names:  # and FLTrust the server's update
-      extra["server_update"] = x[0]
-    return rule(x, **kwargs, **extra)
+  def trace(n: int, f: int) -> None:
+    kwargs = rule_kwargs(spec, f)
+
+    def traced(x):
+      extra = {}
+      if "key" in names:            # a randomised rule gets the step's key from the aggregator
+        extra["key"] = jax.random.key(0)
+      if "server_update" in names:  # and FLTrust the server's update
+        extra["server_update"] = x[0]
+      return rule(x, **kwargs, **extra)
+    jax.eval_shape(traced, jax.ShapeDtypeStruct((n, 4), jnp.float32))
+
   try:
-    jax.eval_shape(traced, jax.ShapeDtypeStruct((num_workers, 4), jnp.float32))
+    trace(num_workers, f)
   except ValueError as error:
-    raise RuleUnavailable(str(error).splitlines()[0]) from None
+    message = str(error).splitlines()[0]
+    try:
+      trace(max(num_workers, GENEROUS_WORKERS), 0)
+    except ValueError:
+      raise UsageError(f"{spec.label}: {message}") from None
+    raise RuleUnavailable(message) from None
   except TypeError as error:
     raise UsageError(f"{spec.label}: {str(error).splitlines()[0]}") from None
 

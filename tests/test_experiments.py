@@ -215,6 +215,25 @@ def test_broken_bound_is_unavailable_not_a_crash():
   with pytest.raises(specs.RuleUnavailable, match=r"bulyan needs n >= 4\*f \+ 3"):
     specs.check_rule(specs.parse_spec("bulyan", "rule"), 15, 5)
   specs.check_rule(specs.parse_spec("bulyan", "rule"), 15, 3)
+  # Bounds that involve a hyperparameter and f, or only n, are n/a in this setting too.
+  with pytest.raises(specs.RuleUnavailable, match=r"multi_krum needs 1 <= m <= n - f"):
+    specs.check_rule(specs.parse_spec("multi_krum:m=14", "rule"), 15, 3)
+  with pytest.raises(specs.RuleUnavailable, match=r"smea needs C\(n, f\) <= 100000"):
+    specs.check_rule(specs.parse_spec("smea", "rule"), 40, 12)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("flag:scale=bogus", r"flag\(scale='bogus'\): flag needs scale in"),
+    ("dnc:subsample_size=0", r"dnc needs subsample_size >= 1"),
+    ("centered_clipping:tau=-1", r"centered_clipping needs tau >= 0"),
+])
+def test_bad_hyperparameter_value_is_a_usage_error_not_unavailable(text, message):
+  # A value the rule refuses whatever n and f are is the user's mistake, reported as such
+  # (it was shown as n/a with the hint "lower --num-byzantine ... or raise --num-workers").
+  with pytest.raises(specs.UsageError, match=message):
+    specs.check_rule(specs.parse_spec(text, "rule"), 15, 3)
+  with pytest.raises(specs.UsageError, match=message):
+    train.validate(train.Config(rules=("mean", text)))
 
 
 @pytest.mark.parametrize("name", specs.FLAT_ROW_ATTACKS)
