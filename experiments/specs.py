@@ -291,8 +291,14 @@ def make_attack(spec: Spec, *, num_workers: int, num_byzantine: int, num_classes
   try:
     if name in GRADIENT_ATTACKS:
       attack = functools.partial(fn, **kwargs)
+      if num_byzantine > 0:  # its hyperparameter values are checked when traced: trace it now
+        honest = jax.ShapeDtypeStruct((num_workers - num_byzantine, 4), jnp.float32)
+        jax.eval_shape(lambda rows: attack(rows, num_byzantine, jax.random.key(0)), honest)
       return AttackPlan(on_flat_rows(attack) if name in FLAT_ROW_ATTACKS else attack, None)
     if name in ADAPTIVE_ATTACKS:
+      if "rule" in kwargs:
+        raise UsageError(f"attack {spec.label}: {name} attacks the rule under test; rule is "
+                         f"not a hyperparameter")
       return AttackPlan(fn(rule, **kwargs, **(rule_kwargs or {})), None)
     if name == "label_flip":
       return AttackPlan(None, fn(num_classes, **kwargs))

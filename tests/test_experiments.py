@@ -283,6 +283,28 @@ def test_attack_options_are_checked():
   np.testing.assert_array_equal(plan.data_attack(batch, jax.random.key(0))["label"], [9, 6, 0])
 
 
+
+@pytest.mark.parametrize("text, num_byzantine, message", [
+    ("gaussian:sigma=-1", 3, r"attack gaussian\(sigma=-1\): gaussian needs sigma >= 0"),
+    ("ipm:eps=abc", 3, r"ipm needs eps as a real scalar"),
+    ("min_max:perturbation=bogus", 3, r"min_max needs perturbation in"),
+    ("fang:b=0.5", 3, r"fang needs b > 1"),
+    ("mimic:idx=50", 3, r"mimic needs 0 <= idx < h, got idx=50, h=12"),
+    ("alie", 8, r"alie needs 1 <= f <= floor\(n/2\)"),
+    ("optimal_alie:rule=krum", 3, r"rule is not a hyperparameter"),
+])
+def test_attack_values_are_usage_errors_before_training(text, num_byzantine, message):
+  # A gradient attack's values were checked only when the training program traced it: a
+  # traceback from inside JAX, after the data was loaded.
+  with pytest.raises(specs.UsageError, match=message):
+    specs.make_attack(specs.parse_spec(text, "attack"), num_workers=15,
+                      num_byzantine=num_byzantine, num_classes=10,
+                      rule=flagjax.aggregators.mean, rule_kwargs={})
+  good = specs.make_attack(specs.parse_spec(text.split(":")[0], "attack"), num_workers=15,
+                           num_byzantine=3, num_classes=10, rule=flagjax.aggregators.mean,
+                           rule_kwargs={})
+  assert good.attack is not None
+
 def test_presets_resolve_to_valid_configs():
   for preset in presets.PRESETS.values():
     for _, config in train.preset_configs(preset):
