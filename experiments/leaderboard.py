@@ -664,7 +664,7 @@ def build_parser() -> argparse.ArgumentParser:
 def board_from_args(args: argparse.Namespace) -> Board:
   quick = QUICK if args.quick else {}
   pick = lambda name, default: tuple(getattr(args, name) or quick.get(name, default))
-  steps = args.steps or quick.get("steps", DEFAULT_STEPS)
+  steps = args.steps if args.steps is not None else quick.get("steps", DEFAULT_STEPS)
   base = train.Config(dataset=args.dataset, num_workers=args.num_workers, steps=steps,
                       eval_every=steps, lr=args.lr, batch_size=args.batch_size)
   board = Board(base, pick("rules", DEFAULT_RULES), pick("fs", DEFAULT_FS),
@@ -672,11 +672,11 @@ def board_from_args(args: argparse.Namespace) -> Board:
                 pick("seeds", DEFAULT_SEEDS))
   for rule in board.rules:
     specs.rule_function(specs.parse_spec(rule, "rule"))
-  for attack in board.attacks:
-    specs.check_attack(specs.parse_spec(attack, "attack"))
   for f in board.fs:
     train.validate(base.replace(num_byzantine=f, rules=tuple(board.rules)),
                    allow_unavailable=True)
+    for attack in board.attacks:
+      specs.check_attack_values(specs.parse_spec(attack, "attack"), base.num_workers, f)
   for alpha in board.alphas:
     train.validate(base.replace(alpha=alpha, num_byzantine=0), allow_unavailable=True)
   return board

@@ -313,6 +313,14 @@ def make_attack(spec: Spec, *, num_workers: int, num_byzantine: int, num_classes
     raise UsageError(f"attack {spec.label}: {str(error).splitlines()[0]}") from None
 
 
+def check_attack_values(spec: Spec, num_workers: int, num_byzantine: int) -> None:
+  """Builds the attack once as :func:`make_attack` does (an adaptive one aimed at ``mean``):
+  an unknown name or hyperparameter, or a value the attack refuses with ``f = num_byzantine``
+  of ``num_workers``, raises :class:`UsageError` before any data is loaded."""
+  make_attack(spec, num_workers=num_workers, num_byzantine=num_byzantine, num_classes=10,
+              rule=flagjax.aggregators.mean, rule_kwargs={})
+
+
 def check_attack(spec: Spec) -> None:
   """Raises :class:`UsageError` for an unknown attack name (hyperparameters are checked when
   the attack is built)."""

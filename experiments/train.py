@@ -163,7 +163,7 @@ def validate(config: Config, *, allow_unavailable: bool = False) -> None:
   if len(reasons) == len(config.rules) and not allow_unavailable:  # nothing would run: an error, not a table of n/a
     raise UsageError(f"{'; '.join(reasons)}: lower --num-byzantine / --assumed-byzantine or "
                      f"raise --num-workers")
-  specs.check_attack(specs.parse_spec(config.attack, "attack"))
+  specs.check_attack_values(specs.parse_spec(config.attack, "attack"), n, f)
 
 
 # ---------------------------------------------------------------------------------------------

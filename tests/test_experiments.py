@@ -6,6 +6,7 @@ import io
 import json
 import os
 import pickle
+import re
 import signal
 import struct
 import subprocess
@@ -632,6 +633,18 @@ def test_leaderboard_in_two_processes_gives_the_same_runs(tmp_path):
   assert "2 processes" in (two / "table.md").read_text()
   assert leaderboard.main(board + ["--jobs", "0", "--out", str(two)]) == 2
 
+
+@pytest.mark.parametrize("option, message", [
+    (["--attacks", "sign_flip", "gaussian:sigma=-1"], "gaussian needs sigma >= 0"),
+    (["--attacks", "alie", "--f", "1", "8"], r"alie needs 1 <= f <= floor\(n/2\)"),
+    (["--steps", "0"], "--steps must be >= 1, got 0"),
+])
+def test_leaderboard_refuses_bad_values_before_starting(tmp_path, capsys, option, message):
+  # Before, the first two failed inside both worker processes ("2 of 2 leaderboard processes
+  # failed") and --steps 0 ran the default number of steps.
+  assert leaderboard.main(["--quick", "--no-progress", "--out", str(tmp_path)] + option) == 2
+  assert re.search(message, capsys.readouterr().err)
+  assert not (tmp_path / "cells").exists()
 
 @pytest.mark.parametrize("cores, jobs", [(2, 2), (16, 2), (7, 3), (4, 4)])
 def test_leaderboard_processes_get_disjoint_cores_covering_the_machine(monkeypatch, cores, jobs):
