@@ -166,6 +166,19 @@ def _fetch(name: str, urls, data_dir: str, download: bool) -> str:
   return path
 
 
+def fetch_files(name: str, data_dir: Optional[str] = None, download: bool = True) -> list[str]:
+  """The local paths of dataset ``name``'s files, downloading the missing ones (none for the
+  embedded and generated datasets). For a parent process to fetch once, with one clear error,
+  before worker processes load the dataset."""
+  data_dir = data_dir or default_data_dir()
+  if name == "mnist":
+    return [_fetch(file, [url + file for url in MNIST_URLS], data_dir, download)
+            for file in MNIST_FILES.values()]
+  if name == "cifar10":
+    return [_fetch(CIFAR10_FILE, CIFAR10_URLS, data_dir, download)]
+  return []
+
+
 def read_idx(path: str) -> np.ndarray:
   """Reads a gzipped idx file (MNIST's format): big-endian magic, dimensions, then uint8s."""
   try:
@@ -196,11 +209,8 @@ def load_mnist(data_dir: Optional[str] = None, download: bool = True) -> Dataset
   Returns:
     A :class:`Dataset` of ``[N, 28, 28, 1]`` images.
   """
-  data_dir = data_dir or default_data_dir()
-  arrays = {}
-  for key, name in MNIST_FILES.items():
-    path = _fetch(name, [url + name for url in MNIST_URLS], data_dir, download)
-    arrays[key] = read_idx(path)
+  paths = fetch_files("mnist", data_dir, download)
+  arrays = {key: read_idx(path) for key, path in zip(MNIST_FILES, paths)}
   x_train, x_test = _normalise(arrays["train_images"][..., None] / 255.0,
                                arrays["test_images"][..., None] / 255.0)
   return Dataset("mnist", x_train, arrays["train_labels"].astype(np.int32),
@@ -232,8 +242,7 @@ def load_cifar10(data_dir: Optional[str] = None, download: bool = True) -> Datas
   Returns:
     A :class:`Dataset` of ``[N, 32, 32, 3]`` images.
   """
-  data_dir = data_dir or default_data_dir()
-  path = _fetch(CIFAR10_FILE, CIFAR10_URLS, data_dir, download)
+  path, = fetch_files("cifar10", data_dir, download)
   try:
     with tarfile.open(path, "r:gz") as archive:
       names = [m for m in archive.getnames() if "/data_batch_" in m]

@@ -31,6 +31,7 @@ import sys
 import time
 from typing import Callable, Optional, Sequence
 
+from experiments import data as data_lib
 from experiments import report
 from experiments import specs
 from experiments import sweep
@@ -347,6 +348,9 @@ def run_board_in_processes(board: Board, out_dir: str, command: str, jobs: int, 
   """
   import multiprocessing
   import shutil
+  # Downloaded here, once: each process would try on its own and fail with a traceback.
+  data_lib.fetch_files(board.base.dataset, board.base.data_dir or None,
+                       download=not board.base.offline)
   cells = sweep.cells_dir(out_dir)
   os.makedirs(cells, exist_ok=True)
   keys = {key for group in board.groups() for *_, key, _ in board.runs(*group)}
@@ -638,6 +642,11 @@ def build_parser() -> argparse.ArgumentParser:
   parser.add_argument("--num-workers", type=int, default=15, help="n (default: 15)")
   parser.add_argument("--dataset", default="digits", choices=train.data_lib.DATASETS,
                       help="the data (default: digits, scikit-learn's, no download)")
+  parser.add_argument("--data-dir", metavar="DIR",
+                      help="download cache for mnist / cifar10 (default: $FLAGJAX_DATA or "
+                           "~/.cache/flagjax); fetched once, before the runs start")
+  parser.add_argument("--offline", action="store_true",
+                      help="never download; fail with a message when a dataset file is missing")
   parser.add_argument("--batch-size", type=int, default=train.Config.batch_size,
                       help=f"examples per worker and step (default: {train.Config.batch_size})")
   parser.add_argument("--lr", type=float, default=train.Config.lr,
@@ -666,7 +675,8 @@ def board_from_args(args: argparse.Namespace) -> Board:
   pick = lambda name, default: tuple(getattr(args, name) or quick.get(name, default))
   steps = args.steps if args.steps is not None else quick.get("steps", DEFAULT_STEPS)
   base = train.Config(dataset=args.dataset, num_workers=args.num_workers, steps=steps,
-                      eval_every=steps, lr=args.lr, batch_size=args.batch_size)
+                      eval_every=steps, lr=args.lr, batch_size=args.batch_size,
+                      data_dir=args.data_dir, offline=args.offline)
   board = Board(base, pick("rules", DEFAULT_RULES), pick("fs", DEFAULT_FS),
                 pick("alphas", DEFAULT_ALPHAS), pick("attacks", DEFAULT_ATTACKS),
                 pick("seeds", DEFAULT_SEEDS))

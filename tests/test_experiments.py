@@ -112,6 +112,35 @@ def test_missing_file_offline_says_what_to_do(tmp_path):
     data.load_mnist(str(tmp_path), download=False)
 
 
+
+def test_fetch_files_downloads_only_what_is_missing(tmp_path, monkeypatch):
+  fetched = []
+
+  def fake_download(urls, path):
+    fetched.append(os.path.basename(path))
+    with open(path, "wb") as stream:
+      stream.write(b"x")
+  monkeypatch.setattr(data, "_download", fake_download)
+  (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(b"already here")
+  paths = data.fetch_files("mnist", str(tmp_path))
+  assert sorted(os.path.basename(p) for p in paths) == sorted(data.MNIST_FILES.values())
+  assert sorted(fetched) == sorted(set(data.MNIST_FILES.values()) -
+                                   {"train-labels-idx1-ubyte.gz"})
+  assert data.fetch_files("mnist", str(tmp_path)) == paths and len(fetched) == 3
+  assert data.fetch_files("cifar10", str(tmp_path)) == [str(tmp_path / data.CIFAR10_FILE)]
+  assert data.fetch_files("digits", str(tmp_path)) == []
+
+
+def test_leaderboard_in_processes_fetches_the_data_once_first(tmp_path, capsys):
+  # A missing file is one clear error from the parent, before any process starts (each of
+  # the two processes used to try the download itself and die with a traceback).
+  argv = ["--quick", "--no-progress", "--jobs", "2", "--dataset", "mnist", "--offline",
+          "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "out")]
+  assert leaderboard.main(argv) == 2
+  err = capsys.readouterr().err
+  assert "missing dataset file" in err and "Traceback" not in err
+  assert not (tmp_path / "out" / "claims").exists()
+
 def test_digits_split():
   ds = data.load_digits()
   chex.assert_shape([ds.train_images, ds.test_images], [(1437, 8, 8, 1), (360, 8, 8, 1)])
