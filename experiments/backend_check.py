@@ -137,11 +137,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       prog="python -m experiments.backend_check", description=__doc__,
       formatter_class=bench_aggregators.HelpFormatter)
-  parser.add_argument("--n", type=int, default=32, help="workers (rows); f = n // 4")
-  parser.add_argument("--d", type=bench_aggregators._sizes, default=[10**6],  # noqa: SLF001
+  parser.add_argument("--n", type=report.positive_int, default=32, help="workers (rows); f = n // 4")
+  parser.add_argument("--d", type=report.positive_sizes, default=[10**6],
                       help="comma-separated numbers of coordinates (1e6 notation accepted); one "
                       "table per d")
-  parser.add_argument("--reps", type=int, default=11, help="timed calls per rule")
+  parser.add_argument("--reps", type=report.positive_int, default=11, help="timed calls per rule")
   parser.add_argument("--rules", type=lambda t: bench_aggregators.parse_names(
       t, bench_aggregators.RULE_NAMES, "rules"), default=None,
                       help="comma-separated rules (default: every rule of the benchmark; its "

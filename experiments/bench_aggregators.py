@@ -684,10 +684,6 @@ def machine_summary() -> dict:
 # Command line.
 
 
-def _sizes(text: str) -> list[int]:
-  return [int(float(v)) for v in text.split(",") if v.strip()]
-
-
 def parse_names(text: str, allowed: Sequence[str], what: str) -> list[str]:
   names = [v.strip() for v in text.split(",") if v.strip()]
   unknown = [v for v in names if v not in allowed]
@@ -710,9 +706,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                           f"{name}: n in {{{','.join(map(str, n))}}}, d in "
                           f"{{{','.join(f'{v:.0e}' for v in d)}}}"
                           for name, (n, d) in sorted(GRIDS.items())))
-  parser.add_argument("--n", type=_sizes, default=None,
+  parser.add_argument("--n", type=report.positive_sizes, default=None,
                       help="comma-separated numbers of workers (overrides --grid's)")
-  parser.add_argument("--d", type=_sizes, default=None,
+  parser.add_argument("--d", type=report.positive_sizes, default=None,
                       help="comma-separated numbers of coordinates (1e6 notation accepted; "
                       "overrides --grid's)")
   parser.add_argument("--rules", type=lambda t: parse_names(t, RULE_NAMES, "rules"),
@@ -720,7 +716,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument("--libraries", type=lambda t: parse_names(t, LIBRARIES, "libraries"),
                       default=",".join(LIBRARIES),
                       help="what to time besides the one-pass bound: flagjax, byzfl, dspace")
-  parser.add_argument("--reps", type=int, default=7, help="timed calls per measurement")
+  parser.add_argument("--reps", type=report.positive_int, default=7, help="timed calls per measurement")
   parser.add_argument("--budget", type=float, default=20.0,
                       help="seconds of timed calls per slow measurement (fewer reps above it)")
   parser.add_argument("--byzfl-max-subsets", type=float, default=2e5,
@@ -732,7 +728,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument("--max-memory-fraction", type=float, default=0.6,
                       help="skip a cell whose estimated memory exceeds this share of the "
                       "available memory")
-  parser.add_argument("--flag-iters", type=int, default=FLAG_MAX_ITERS,
+  parser.add_argument("--flag-iters", type=report.positive_int, default=FLAG_MAX_ITERS,
                       help="IRLS steps of the flag rows, in flagjax and d-space alike (tol=0)")
   parser.add_argument("--seed", type=int, default=0, help="seed of the random input")
   parser.add_argument("--out", default=os.path.join("results", "bench"),

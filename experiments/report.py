@@ -7,6 +7,7 @@ file, even when the process is killed mid-write.
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -15,6 +16,25 @@ import tempfile
 from typing import Callable, Iterable, Optional, Sequence
 
 import numpy as np
+
+
+def positive_int(text: str) -> int:
+  """An argparse type: an integer >= 1 (``1e6`` notation accepted)."""
+  try:
+    value = float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+  if not (math.isfinite(value) and value == int(value) and value >= 1):
+    raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+  return int(value)
+
+
+def positive_sizes(text: str) -> list[int]:
+  """An argparse type: comma-separated integers >= 1 (``1e6`` notation accepted)."""
+  sizes = [positive_int(v.strip()) for v in text.split(",") if v.strip()]
+  if not sizes:
+    raise argparse.ArgumentTypeError(f"expected comma-separated integers >= 1, got {text!r}")
+  return sizes
 
 
 def _umask() -> int:

@@ -1,5 +1,6 @@
 """The benchmarks in a tiny configuration, so that they cannot rot: structure, not speed."""
 
+import importlib
 import json
 import math
 import os
@@ -9,6 +10,7 @@ import pytest
 
 from experiments import bench_aggregators
 from experiments import bench_throughput
+from experiments import report
 
 
 def _positive_finite(value):
@@ -61,6 +63,23 @@ def test_bench_aggregators_help_and_bad_names(capsys):
   assert "--rules" in capsys.readouterr().out
   with pytest.raises(SystemExit):
     bench_aggregators.main(["--rules", "no_such_rule"])
+
+
+@pytest.mark.parametrize("module, option, value", [
+    ("bench_aggregators", "--n", "0"), ("bench_aggregators", "--d", "1e6,-5"),
+    ("bench_aggregators", "--d", "1.5"), ("backend_check", "--n", "0"),
+    ("bench_sorting", "--n", "32,0"), ("bench_sorting", "--d", "0"),
+    ("bench_throughput", "--workers", "0"), ("bench_throughput", "--steps", "x"),
+])
+def test_sizes_below_one_are_usage_errors(capsys, module, option, value):
+  # They used to fail mid-run: max() of an empty sequence, negative dimensions, a split into
+  # zero sections.
+  main = importlib.import_module(f"experiments.{module}").main
+  with pytest.raises(SystemExit) as exit_info:
+    main([option, value, "--out", "unused"])
+  assert exit_info.value.code == 2
+  assert "expected an integer >= 1" in capsys.readouterr().err
+  assert report.positive_sizes("1e6, 32") == [10**6, 32]
 
 
 def test_bench_throughput_tiny(tmp_path):
