@@ -151,6 +151,12 @@ def validate(config: Config, *, allow_unavailable: bool = False) -> None:
     raise UsageError(f"--alpha must be > 0 (or iid), got {config.alpha}")
   if not config.lr > 0:
     raise UsageError(f"--lr must be > 0, got {config.lr}")
+  if not 0 <= config.momentum < 1:
+    raise UsageError(f"--momentum must be in [0, 1), got {config.momentum}")
+  if not config.weight_decay >= 0:
+    raise UsageError(f"--weight-decay must be >= 0, got {config.weight_decay}")
+  if config.worker_momentum is not None and not 0 <= config.worker_momentum < 1:
+    raise UsageError(f"--worker-momentum must be in [0, 1), got {config.worker_momentum}")
   if not config.rules:
     raise UsageError("--rules needs at least one rule")
   reasons = []
@@ -210,6 +216,13 @@ def prepare(config: Config) -> Prepared:
                                              dataset.num_classes, 0))
   accuracy = models.make_accuracy_fn(apply, jnp.asarray(dataset.test_images),
                                      jnp.asarray(dataset.test_labels))
+  num_train = len(dataset.train_labels)
+  if (any(specs.takes_server_update(specs.parse_spec(rule, "rule")) for rule in config.rules)
+      and config.server_examples > num_train - config.num_workers):
+    raise UsageError(f"--server-examples {config.server_examples} leaves the "
+                     f"{config.num_workers} workers fewer than one example each of "
+                     f"{config.dataset}'s {num_train}: use at most "
+                     f"{num_train - config.num_workers}")
   server = data_lib.root_set(dataset.train_labels, config.server_examples)
   server_batch = {"image": jnp.asarray(dataset.train_images[server]),
                   "label": jnp.asarray(dataset.train_labels[server])}

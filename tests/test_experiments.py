@@ -335,6 +335,28 @@ def test_attack_values_are_usage_errors_before_training(text, num_byzantine, mes
                            rule_kwargs={})
   assert good.attack is not None
 
+
+@pytest.mark.parametrize("change, message", [
+    ({"momentum": -1.0}, r"--momentum must be in \[0, 1\)"),
+    ({"momentum": 1.0}, r"--momentum must be in \[0, 1\)"),
+    ({"weight_decay": -0.1}, "--weight-decay must be >= 0"),
+    ({"worker_momentum": 1.5}, r"--worker-momentum must be in \[0, 1\)"),
+])
+def test_optimizer_values_are_checked(change, message):
+  # A negative momentum trained silently; a worker momentum of 1.5 was a traceback.
+  with pytest.raises(specs.UsageError, match=message):
+    train.validate(train.Config(rules=("mean",)).replace(**change))
+
+
+def test_a_root_set_that_leaves_workers_no_data_is_refused():
+  # It was an IndexError from deep in the data split.
+  config = train.Config(rules=("fltrust",), server_examples=1437 - 14)
+  with pytest.raises(specs.UsageError, match="use at most 1422"):
+    train.prepare(config)
+  assert len(train.prepare(config.replace(server_examples=1422)).server_indices) == 1422
+  train.prepare(config.replace(rules=("mean",)))  # no rule uses the root set: no check
+
+
 def test_presets_resolve_to_valid_configs():
   for preset in presets.PRESETS.values():
     for _, config in train.preset_configs(preset):
