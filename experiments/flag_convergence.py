@@ -31,6 +31,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from experiments import report
+
 __all__ = ["FAMILIES", "family_problem", "grassmann_minimum", "objective_in_span",
            "training_grams", "training_table", "main"]
 
@@ -223,8 +225,8 @@ def training_table(num_steps: int) -> list[str]:
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m experiments.flag_convergence",
                                    description=__doc__.split("\n\n")[0])
-  parser.add_argument("--problems", type=int, default=5, help="problems per family")
-  parser.add_argument("--restarts", type=int, default=40,
+  parser.add_argument("--problems", type=report.positive_int, default=5, help="problems per family")
+  parser.add_argument("--restarts", type=report.positive_int, default=40,
                       help="random starts of the Grassmannian reference per problem")
   parser.add_argument("--training-steps", type=int, default=40,
                       help="steps of the digits-MLP run for the second table (0: skip it)")

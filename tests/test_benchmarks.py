@@ -70,6 +70,7 @@ def test_bench_aggregators_help_and_bad_names(capsys):
     ("bench_aggregators", "--d", "1.5"), ("backend_check", "--n", "0"),
     ("bench_sorting", "--n", "32,0"), ("bench_sorting", "--d", "0"),
     ("bench_throughput", "--workers", "0"), ("bench_throughput", "--steps", "x"),
+    ("flag_convergence", "--problems", "0"), ("multihost", "--steps", "0"),
 ])
 def test_sizes_below_one_are_usage_errors(capsys, module, option, value):
   # They used to fail mid-run: max() of an empty sequence, negative dimensions, a split into
