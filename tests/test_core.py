@@ -88,6 +88,27 @@ class GramTest(parameterized.TestCase):
     # A non-zero coefficient on a poisoned row poisons the result (no silent repair).
     self.assertFalse(np.all(np.isfinite(gram_lib.combine(jnp.ones(n), jnp.asarray(x)))))
 
+  def test_combine_of_many_rows_masks_by_column_blocks(self):
+    # Beyond COMBINE_UNROLL_MAX_ROWS the masked sum is a loop over column blocks (the last
+    # overlapping the one before): same values, an Inf used where its coefficient is not
+    # zero, and a program whose size does not grow with n (the unrolled sum's did).
+    n = gram_lib.COMBINE_UNROLL_MAX_ROWS + 44
+    x = helpers.poison(helpers.random_rows(9, n, 5000), rows=[1, 3, 250])
+    x[7, 4321] = np.inf
+    c = np.random.default_rng(9).random(n).astype(np.float32)
+    c[[1, 3, 250]] = 0.0
+    out = np.asarray(jax.jit(gram_lib.combine)(jnp.asarray(c), jnp.asarray(x)))
+    expected = c.astype(np.float64) @ np.where(np.isfinite(x), x, 0)
+    expected[4321] = np.inf
+    np.testing.assert_allclose(out, expected, rtol=1e-5, atol=1e-5)
+    def size(rows):   # equations, those of the cond's branches included
+      def count(jaxpr):
+        return sum(1 + sum(count(sub.jaxpr) for sub in e.params.get("branches", ()))
+                   for e in jaxpr.eqns)
+      return count(jax.make_jaxpr(gram_lib.combine)(jnp.ones(rows),
+                                                    jnp.ones((rows, 3000))).jaxpr)
+    self.assertEqual(size(n), size(2 * n))
+
   def test_combine_many_poisons_only_rows_that_use_a_non_finite_worker(self):
     x = helpers.poison(helpers.random_rows(7, 4, 12), rows=[2])
     C = np.array([[1, 1, 0, 0], [0, 0, 1, 1], [0.5, 0, 0, 0.5]], np.float32)
