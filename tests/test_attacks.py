@@ -126,6 +126,36 @@ class GradientAttackTest(chex.TestCase):
       np.testing.assert_allclose(attacks.alie_default_z(n, f), np_alie_z(n, f), rtol=1e-5,
                                  atol=1e-6)
 
+  def test_many_honest_rows_loop_instead_of_unrolling(self):
+    # Beyond FOLD_UNROLL_MAX_ROWS the per-row statistics (ALIE's std, Fang's extremes) are a
+    # fori_loop: the same formulas, and a program that does not grow with h (unrolled, ALIE
+    # over 1,000 rows compiled in ~5-7 s).
+    from flagjax.core import tree as tree_lib
+    h = tree_lib.FOLD_UNROLL_MAX_ROWS + 44
+    x = helpers.random_rows(11, h, 30) + 5.0
+    x[:, 2] = 1.5                                                # a constant column
+    out = jax.jit(lambda x: attacks.alie(x, 3, z=1.2))(x)
+    np.testing.assert_allclose(out[0], x.mean(0) + 1.2 * x.std(0), rtol=1e-5, atol=1e-5)
+    rows = np.asarray(jax.jit(lambda x: attacks.fang(x, 3, KEY))(x))
+    mean = x.mean(0)
+    upper = np.where(mean > 0, x.min(0), np.where(x.max(0) > 0, 2 * x.max(0), x.max(0) / 2))
+    lower = np.where(mean > 0, np.where(x.min(0) > 0, x.min(0) / 2, 2 * x.min(0)), x.max(0))
+    self.assertTrue(np.all((rows >= lower - 1e-5) & (rows <= upper + 1e-5)))
+
+    def size(rows):   # equations, loop bodies and branches included
+      def count(jaxpr):
+        total = 0
+        for e in jaxpr.eqns:
+          total += 1
+          for value in e.params.values():
+            for sub in (value if isinstance(value, (tuple, list)) else (value,)):
+              inner = getattr(sub, "jaxpr", None)
+              if inner is not None:
+                total += count(getattr(inner, "jaxpr", inner))
+        return total
+      return count(jax.make_jaxpr(lambda x: attacks.alie(x, 3))(jnp.ones((rows, 8))).jaxpr)
+    self.assertEqual(size(h), size(2 * h))
+
   def test_gaussian_and_uniform_statistics(self):
     x = np.zeros((3, 4000), np.float32)
     g = attacks.gaussian(x, 5, KEY, mu=2.0, sigma=3.0)

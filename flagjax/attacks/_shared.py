@@ -36,19 +36,18 @@ def honest_mean(honest32: PyTree, h: int) -> PyTree:
 def honest_std(honest32: PyTree, mean32: PyTree, h: int) -> PyTree:
   """Per-coordinate population standard deviation, two-pass (stable for large means).
 
-  Written as fused sums over the rows (each row a static slice), so no ``[h, ...]``
-  temporary of squared deviations is ever written. The deviations are divided by their
+  Written as fused sums over the rows (:func:`flagjax.core.tree.fold_rows`), so no
+  ``[h, ...]`` temporary of squared deviations is ever written. The deviations are divided by their
   per-coordinate largest magnitude ``m`` before squaring (``std = m * sqrt(mean((dev /
   m)^2))``), so rows near the float maximum (1e30 in float32) give a finite std.
   """
   def leaf_fn(leaf, mean):
-    peak = jnp.zeros_like(mean)
-    for row in tree_lib.rows(leaf):
-      peak = jnp.maximum(peak, jnp.abs(row - mean))
+    peak = tree_lib.fold_rows(leaf, jnp.zeros_like(mean),
+                              lambda peak, row: jnp.maximum(peak, jnp.abs(row - mean)))
     inverse = jnp.where(peak > 0, 1.0 / jnp.where(peak > 0, peak, 1.0), 0.0)
-    total = jnp.zeros_like(mean)
-    for row in tree_lib.rows(leaf):
-      total = total + jnp.square((row - mean) * inverse)
+    total = tree_lib.fold_rows(
+        leaf, jnp.zeros_like(mean),
+        lambda total, row: total + jnp.square((row - mean) * inverse))
     return peak * jnp.sqrt(total / h)
   return jax.tree.map(leaf_fn, honest32, mean32)
 

@@ -476,9 +476,10 @@ def fang(honest: PyTree, f: int, key: jax.Array, *, b: float = 2.0, axis_name=No
   keys = jax.random.split(key, max(len(leaves), 1))
 
   def leaf_rows(leaf, mean, leaf_key, like):
-    w_max, w_min = leaf[0], leaf[0]
-    for row in tree_lib.rows(leaf)[1:]:
-      w_max, w_min = jnp.maximum(w_max, row), jnp.minimum(w_min, row)
+    w_max, w_min = tree_lib.fold_rows(
+        leaf, (leaf[0], leaf[0]),
+        lambda extremes, row: (jnp.maximum(extremes[0], row), jnp.minimum(extremes[1], row)),
+        start=1)
     bb = jnp.asarray(b, leaf.dtype)
     lower_side = mean > 0
     lo = jnp.where(lower_side, jnp.where(w_min > 0, w_min / bb, bb * w_min),

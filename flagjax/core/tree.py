@@ -117,6 +117,29 @@ def rows(leaf: jax.Array) -> list[jax.Array]:
   return [leaf[i] for i in range(leaf.shape[0])]
 
 
+# Up to this many rows :func:`fold_rows` unrolls its loop; beyond, a fori_loop.
+FOLD_UNROLL_MAX_ROWS = 256
+
+
+def fold_rows(leaf: jax.Array, init, step, *, start: int = 0):
+  """``carry = step(carry, row)`` over the rows ``leaf[start:]`` in order (row ``i`` is
+  ``leaf[i]``); the same operations in the same order either way, so the same values.
+
+  Up to :data:`FOLD_UNROLL_MAX_ROWS` rows unrolled (static slices that XLA fuses into one
+  pass); beyond, a ``fori_loop`` of one row per iteration, so the program does not grow
+  with the rows (ALIE's statistics over 1,000 honest rows compiled in ~7 s unrolled).
+  """
+  n = leaf.shape[0]
+  if n - start <= FOLD_UNROLL_MAX_ROWS:
+    carry = init
+    for i in range(start, n):
+      carry = step(carry, leaf[i])
+    return carry
+  return jax.lax.fori_loop(
+      start, n, lambda i, carry: step(carry, jax.lax.dynamic_index_in_dim(leaf, i, 0, False)),
+      init)
+
+
 def map_column_blocks(flat: jax.Array, width: int, block_fn) -> jax.Array:
   """``block_fn`` on column blocks of ``flat [n, size]``, its outputs side by side.
 
