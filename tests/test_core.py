@@ -106,7 +106,18 @@ class GramTest(parameterized.TestCase):
         return sum(1 + sum(count(sub.jaxpr) for sub in e.params.get("branches", ()))
                    for e in jaxpr.eqns)
       return count(jax.make_jaxpr(gram_lib.combine)(jnp.ones(rows),
-                                                    jnp.ones((rows, 3000))).jaxpr)
+                                                    jnp.ones((rows, 3000), dtype)).jaxpr)
+    dtype = jnp.float32
+    self.assertEqual(size(n), size(2 * n))
+    # bfloat16 rows are cast one by one (no float32 copy), in a loop beyond
+    # FOLD_UNROLL_MAX_ROWS: the same values as numpy on the rounded rows, a size fixed in n.
+    low = jnp.asarray(x, jnp.bfloat16)
+    out = np.asarray(jax.jit(gram_lib.combine)(jnp.asarray(c), low), np.float32)
+    rounded = np.asarray(low, np.float32)
+    expected = c.astype(np.float64) @ np.where(np.isfinite(rounded), rounded, 0)
+    expected[4321] = np.inf
+    np.testing.assert_allclose(out, expected, rtol=1e-2, atol=1e-2)
+    dtype = jnp.bfloat16
     self.assertEqual(size(n), size(2 * n))
 
   def test_combine_many_poisons_only_rows_that_use_a_non_finite_worker(self):

@@ -43,11 +43,11 @@ def honest_std(honest32: PyTree, mean32: PyTree, h: int) -> PyTree:
   """
   def leaf_fn(leaf, mean):
     peak = tree_lib.fold_rows(leaf, jnp.zeros_like(mean),
-                              lambda peak, row: jnp.maximum(peak, jnp.abs(row - mean)))
+                              lambda peak, row, _: jnp.maximum(peak, jnp.abs(row - mean)))
     inverse = jnp.where(peak > 0, 1.0 / jnp.where(peak > 0, peak, 1.0), 0.0)
     total = tree_lib.fold_rows(
         leaf, jnp.zeros_like(mean),
-        lambda total, row: total + jnp.square((row - mean) * inverse))
+        lambda total, row, _: total + jnp.square((row - mean) * inverse))
     return peak * jnp.sqrt(total / h)
   return jax.tree.map(leaf_fn, honest32, mean32)
 

@@ -478,7 +478,8 @@ def fang(honest: PyTree, f: int, key: jax.Array, *, b: float = 2.0, axis_name=No
   def leaf_rows(leaf, mean, leaf_key, like):
     w_max, w_min = tree_lib.fold_rows(
         leaf, (leaf[0], leaf[0]),
-        lambda extremes, row: (jnp.maximum(extremes[0], row), jnp.minimum(extremes[1], row)),
+        lambda extremes, row, _: (jnp.maximum(extremes[0], row),
+                                  jnp.minimum(extremes[1], row)),
         start=1)
     bb = jnp.asarray(b, leaf.dtype)
     lower_side = mean > 0

@@ -437,11 +437,17 @@ COMBINE_MATVEC_MIN_ROWS = 64
 COMBINE_UNROLL_MAX_ROWS = 256
 
 
-def _unrolled_combine(c: jax.Array, terms, dtype, shape) -> jax.Array:
-  total = jnp.zeros(shape, dtype)
-  for i, row in enumerate(terms):
-    # where(), not c_i * x_i: a Byzantine NaN/Inf row with c_i = 0 must contribute 0.
-    total = total + jnp.where(c[i] != 0, c[i] * row.astype(dtype), 0)
+def _masked_sum(c: jax.Array, leaf: jax.Array, extra: Optional[jax.Array],
+                dtype) -> jax.Array:
+  """``sum_i where(c_i != 0, c_i x_i, 0)`` (plus ``c_n extra``), row by row in ``dtype``
+  (each row cast alone: no copy of a low-precision input), one fused pass; a loop beyond
+  :data:`flagjax.core.tree.FOLD_UNROLL_MAX_ROWS` rows (same values)."""
+  # where(), not c_i * x_i: a Byzantine NaN/Inf row with c_i = 0 must contribute 0.
+  term = lambda row, i: jnp.where(c[i] != 0, c[i] * row.astype(dtype), 0)
+  total = tree_lib.fold_rows(leaf, jnp.zeros(leaf.shape[1:], dtype),
+                             lambda total, row, i: total + term(row, i))
+  if extra is not None:
+    total = total + term(extra, leaf.shape[0])
   return total
 
 
@@ -467,15 +473,12 @@ def _leaf_combine(coefficients: jax.Array, leaf: jax.Array,
     # otherwise the masked sum is taken instead: unrolled up to COMBINE_UNROLL_MAX_ROWS
     # rows, beyond as products of column blocks (unrolled, n = 1000 compiled in ~3 s).
     if n <= COMBINE_UNROLL_MAX_ROWS:
-      masked = lambda: _unrolled_combine(c, tree_lib.rows(flat), dtype, flat.shape[1:])
+      masked = lambda: _masked_sum(c, flat, None, dtype)
     else:
       masked = lambda: _masked_product(c, flat)
     total = jax.lax.cond(jnp.all(jnp.isfinite(product)), lambda: product, masked)
     return total.reshape(leaf.shape[1:]).astype(tree_lib.output_dtype(leaf.dtype))
-  terms = list(tree_lib.rows(leaf))
-  if extra is not None:
-    terms.append(extra)
-  total = _unrolled_combine(c, terms, dtype, leaf.shape[1:])
+  total = _masked_sum(c, leaf, extra, dtype)
   return total.astype(tree_lib.output_dtype(leaf.dtype))
 
 
@@ -486,8 +489,9 @@ def combine(coefficients: jax.Array, x: PyTree, *, extra: Optional[PyTree] = Non
   they hold NaN/Inf. Works on a coordinate shard as is (coefficients are shared).
 
   Up to :data:`COMBINE_MATVEC_MIN_ROWS` rows (and for float16/bfloat16 leaves, whose rows are
-  cast one by one) it is an unrolled, fused sum of ``where(c_i != 0, c_i x_i, 0)`` (~1x one
-  pass ``ones @ x`` at n <= 32). With more rows that sum is ~3x one pass (n = 128, d = 1e5),
+  cast one by one, and with ``extra``) it is an unrolled, fused sum of
+  ``where(c_i != 0, c_i x_i, 0)`` (~1x one pass ``ones @ x`` at n <= 32), a ``fori_loop``
+  over the rows beyond :data:`flagjax.core.tree.FOLD_UNROLL_MAX_ROWS`. With more rows that sum is ~3x one pass (n = 128, d = 1e5),
   so it is the product ``c @ x`` (1x), kept when it is finite; a non-finite product (a
   NaN/Inf row, perhaps under a zero coefficient) takes the masked sum under ``lax.cond``
   (under ``vmap`` both run), beyond :data:`COMBINE_UNROLL_MAX_ROWS` rows as products of

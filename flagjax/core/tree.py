@@ -122,8 +122,8 @@ FOLD_UNROLL_MAX_ROWS = 256
 
 
 def fold_rows(leaf: jax.Array, init, step, *, start: int = 0):
-  """``carry = step(carry, row)`` over the rows ``leaf[start:]`` in order (row ``i`` is
-  ``leaf[i]``); the same operations in the same order either way, so the same values.
+  """``carry = step(carry, row, i)`` over the rows ``row = leaf[i]``, ``i >= start``, in
+  order; the same operations in the same order either way, so the same values.
 
   Up to :data:`FOLD_UNROLL_MAX_ROWS` rows unrolled (static slices that XLA fuses into one
   pass); beyond, a ``fori_loop`` of one row per iteration, so the program does not grow
@@ -133,11 +133,11 @@ def fold_rows(leaf: jax.Array, init, step, *, start: int = 0):
   if n - start <= FOLD_UNROLL_MAX_ROWS:
     carry = init
     for i in range(start, n):
-      carry = step(carry, leaf[i])
+      carry = step(carry, leaf[i], i)
     return carry
   return jax.lax.fori_loop(
-      start, n, lambda i, carry: step(carry, jax.lax.dynamic_index_in_dim(leaf, i, 0, False)),
-      init)
+      start, n,
+      lambda i, carry: step(carry, jax.lax.dynamic_index_in_dim(leaf, i, 0, False), i), init)
 
 
 def map_column_blocks(flat: jax.Array, width: int, block_fn) -> jax.Array:
