@@ -18,6 +18,7 @@ from absl.testing import parameterized
 from flagjax.core import gram as gram_lib
 from flagjax.core import sorting
 from flagjax.core import spectral
+from flagjax.core import tree as tree_lib
 from tests import helpers
 
 # d values for every path of the Gram: one block, exactly two chunks, chunks plus a remainder.
@@ -88,11 +89,11 @@ class GramTest(parameterized.TestCase):
     # A non-zero coefficient on a poisoned row poisons the result (no silent repair).
     self.assertFalse(np.all(np.isfinite(gram_lib.combine(jnp.ones(n), jnp.asarray(x)))))
 
-  def test_combine_of_many_rows_masks_by_column_blocks(self):
-    # Beyond COMBINE_UNROLL_MAX_ROWS the masked sum is a loop over column blocks (the last
-    # overlapping the one before): same values, an Inf used where its coefficient is not
-    # zero, and a program whose size does not grow with n (the unrolled sum's did).
-    n = gram_lib.COMBINE_UNROLL_MAX_ROWS + 44
+  def test_combine_of_many_rows_masks_in_a_loop(self):
+    # Beyond FOLD_UNROLL_MAX_ROWS the masked sum is a loop over the rows: same values, an
+    # Inf used where its coefficient is not zero, and a program whose size does not grow
+    # with n (the unrolled sum's did).
+    n = tree_lib.FOLD_UNROLL_MAX_ROWS + 44
     x = helpers.poison(helpers.random_rows(9, n, 5000), rows=[1, 3, 250])
     x[7, 4321] = np.inf
     c = np.random.default_rng(9).random(n).astype(np.float32)

@@ -36,7 +36,6 @@ from flagjax.core import tree as tree_lib
 
 __all__ = [
     "COMBINE_MATVEC_MIN_ROWS",
-    "COMBINE_UNROLL_MAX_ROWS",
     "SAMPLED_REFERENCE_MAX_RATIO",
     "central_row",
     "clean_gram",
@@ -429,12 +428,6 @@ def is_rotation_equivariant(rule) -> bool:
 
 # From this many rows on, :func:`combine` is a matrix-vector product (see there).
 COMBINE_MATVEC_MIN_ROWS = 64
-# Beyond this many rows, combine's masked sum (a NaN/Inf row under a zero coefficient) is a
-# product of column blocks, not an unrolled sum: measured with a NaN row at d = 1e5, the
-# unrolled sum is 1.9x / 2.2x / 5.6x one pass at n = 64 / 128 / 256 against 7.5x / 4.6x /
-# 4.7x for the blocks (n = 1024, d = 2e4: 6.2x against 3.7x), and it compiles in time
-# growing with n (0.65 s at n = 256, 3.3 s at n = 1024; the blocks ~0.2 s).
-COMBINE_UNROLL_MAX_ROWS = 256
 
 
 def _masked_sum(c: jax.Array, leaf: jax.Array, extra: Optional[jax.Array],
@@ -451,16 +444,6 @@ def _masked_sum(c: jax.Array, leaf: jax.Array, extra: Optional[jax.Array],
   return total
 
 
-def _masked_product(c: jax.Array, flat: jax.Array) -> jax.Array:
-  """``sum_i where(c_i != 0, c_i x_i, 0)`` for ``flat [n, size]`` as products of column
-  blocks with the rows of zero coefficient zeroed (NaN/Inf there contribute nothing)."""
-  used = (c != 0)[:, None]
-  width = max(128, GRAM_CHUNK * 32 // c.shape[0])   # a block of ~2 MiB (float32)
-  return tree_lib.map_column_blocks(
-      flat, width,
-      lambda block: jnp.matmul(c, jnp.where(used, block, 0), precision=tree_lib.HIGHEST))
-
-
 def _leaf_combine(coefficients: jax.Array, leaf: jax.Array,
                   extra: Optional[jax.Array]) -> jax.Array:
   dtype = tree_lib.compute_dtype(leaf.dtype)
@@ -470,13 +453,9 @@ def _leaf_combine(coefficients: jax.Array, leaf: jax.Array,
     flat = leaf.reshape(n, -1)
     product = jnp.matmul(c, flat, precision=tree_lib.HIGHEST)
     # A finite product proves that no NaN/Inf row met a zero coefficient (0 * NaN = NaN);
-    # otherwise the masked sum is taken instead: unrolled up to COMBINE_UNROLL_MAX_ROWS
-    # rows, beyond as products of column blocks (unrolled, n = 1000 compiled in ~3 s).
-    if n <= COMBINE_UNROLL_MAX_ROWS:
-      masked = lambda: _masked_sum(c, flat, None, dtype)
-    else:
-      masked = lambda: _masked_product(c, flat)
-    total = jax.lax.cond(jnp.all(jnp.isfinite(product)), lambda: product, masked)
+    # otherwise the masked sum is taken instead.
+    total = jax.lax.cond(jnp.all(jnp.isfinite(product)), lambda: product,
+                         lambda: _masked_sum(c, flat, None, dtype))
     return total.reshape(leaf.shape[1:]).astype(tree_lib.output_dtype(leaf.dtype))
   total = _masked_sum(c, leaf, extra, dtype)
   return total.astype(tree_lib.output_dtype(leaf.dtype))
@@ -489,13 +468,12 @@ def combine(coefficients: jax.Array, x: PyTree, *, extra: Optional[PyTree] = Non
   they hold NaN/Inf. Works on a coordinate shard as is (coefficients are shared).
 
   Up to :data:`COMBINE_MATVEC_MIN_ROWS` rows (and for float16/bfloat16 leaves, whose rows are
-  cast one by one, and with ``extra``) it is an unrolled, fused sum of
-  ``where(c_i != 0, c_i x_i, 0)`` (~1x one pass ``ones @ x`` at n <= 32), a ``fori_loop``
-  over the rows beyond :data:`flagjax.core.tree.FOLD_UNROLL_MAX_ROWS`. With more rows that sum is ~3x one pass (n = 128, d = 1e5),
-  so it is the product ``c @ x`` (1x), kept when it is finite; a non-finite product (a
-  NaN/Inf row, perhaps under a zero coefficient) takes the masked sum under ``lax.cond``
-  (under ``vmap`` both run), beyond :data:`COMBINE_UNROLL_MAX_ROWS` rows as products of
-  column blocks with the zero-coefficient rows zeroed.
+  cast one by one, and with ``extra``) it is a fused sum of ``where(c_i != 0, c_i x_i, 0)``
+  (~1x one pass ``ones @ x`` at n <= 32; unrolled up to
+  :data:`flagjax.core.tree.FOLD_UNROLL_MAX_ROWS` rows, a ``fori_loop`` beyond). With more
+  rows that sum is ~3x one pass (n = 128, d = 1e5), so it is the product ``c @ x`` (1x),
+  kept when it is finite; a non-finite product (a NaN/Inf row, perhaps under a zero
+  coefficient) takes the masked sum under ``lax.cond`` (under ``vmap`` both run).
 
   Args:
     coefficients: ``[n]`` (``[n + 1]`` with ``extra``).
