@@ -683,7 +683,8 @@ def board_from_args(args: argparse.Namespace) -> Board:
   for rule in board.rules:
     specs.rule_function(specs.parse_spec(rule, "rule"))
   for f in board.fs:
-    train.validate(base.replace(num_byzantine=f, rules=tuple(board.rules)),
+    # attack="none": the board's own attacks are checked next, not the Config default's.
+    train.validate(base.replace(num_byzantine=f, rules=tuple(board.rules), attack="none"),
                    allow_unavailable=True)
     for attack in board.attacks:
       specs.check_attack_values(specs.parse_spec(attack, "attack"), base.num_workers, f)

@@ -697,6 +697,14 @@ def test_leaderboard_refuses_bad_values_before_starting(tmp_path, capsys, option
   assert re.search(message, capsys.readouterr().err)
   assert not (tmp_path / "cells").exists()
 
+
+def test_leaderboard_checks_only_its_own_attacks():
+  # ALIE (train.Config's default attack) breaks its bound at f = 8 of 15; a board without
+  # it must not be refused for it.
+  args = leaderboard.build_parser().parse_args(
+      ["--rules", "mean", "--f", "8", "--attacks", "sign_flip", "--alphas", "iid"])
+  assert list(leaderboard.board_from_args(args).fs) == [8]
+
 @pytest.mark.parametrize("cores, jobs", [(2, 2), (16, 2), (7, 3), (4, 4)])
 def test_leaderboard_processes_get_disjoint_cores_covering_the_machine(monkeypatch, cores, jobs):
   # Each process gets its own cores (two XLA thread pools on the same cores were measured
