@@ -137,7 +137,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(
       prog="python -m experiments.backend_check", description=__doc__,
       formatter_class=bench_aggregators.HelpFormatter)
-  parser.add_argument("--n", type=report.positive_int, default=32, help="workers (rows); f = n // 4")
+  parser.add_argument("--n", type=report.positive_int,
+                      default=32, help="workers (rows); f = n // 4")
   parser.add_argument("--d", type=report.positive_sizes, default=[10**6],
                       help="comma-separated numbers of coordinates (1e6 notation accepted); one "
                       "table per d")

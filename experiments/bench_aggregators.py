@@ -716,7 +716,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument("--libraries", type=lambda t: parse_names(t, LIBRARIES, "libraries"),
                       default=",".join(LIBRARIES),
                       help="what to time besides the one-pass bound: flagjax, byzfl, dspace")
-  parser.add_argument("--reps", type=report.positive_int, default=7, help="timed calls per measurement")
+  parser.add_argument("--reps", type=report.positive_int,
+                      default=7, help="timed calls per measurement")
   parser.add_argument("--budget", type=float, default=20.0,
                       help="seconds of timed calls per slow measurement (fewer reps above it)")
   parser.add_argument("--byzfl-max-subsets", type=float, default=2e5,

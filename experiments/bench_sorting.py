@@ -110,9 +110,11 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                                    formatter_class=bench_aggregators.HelpFormatter)
   parser.add_argument("--n", type=report.positive_sizes, default="32,64,128,256,1024",
                       help="comma-separated numbers of workers")
-  parser.add_argument("--d", type=report.positive_int, default=100_000, help="number of coordinates")
+  parser.add_argument("--d", type=report.positive_int,
+                      default=100_000, help="number of coordinates")
   parser.add_argument("--reps", type=report.positive_int, default=5, help="timed calls per method")
-  parser.add_argument("--network-max-n", type=report.positive_int, default=sorting.NETWORK_MAX_WORKERS,
+  parser.add_argument("--network-max-n", type=report.positive_int,
+                      default=sorting.NETWORK_MAX_WORKERS,
                       help="largest n for which the unrolled network is compiled")
   parser.add_argument("--out", default=os.path.join("results", "bench"),
                       help="output folder")

@@ -213,10 +213,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
   parser.add_argument("--backends", type=lambda t: bench_aggregators.parse_names(t, BACKENDS,
                                                                             "backends"),
                       default=",".join(BACKENDS), help="comma-separated backends")
-  parser.add_argument("--workers", type=report.positive_int, default=16, help="simulated workers (n)")
-  parser.add_argument("--batch-size", type=report.positive_int, default=32, help="examples per worker")
+  parser.add_argument("--workers", type=report.positive_int,
+                      default=16, help="simulated workers (n)")
+  parser.add_argument("--batch-size", type=report.positive_int,
+                      default=32, help="examples per worker")
   parser.add_argument("--steps", type=report.positive_int, default=100, help="steps per timing")
-  parser.add_argument("--reps", type=report.positive_int, default=5, help="timings per rule and backend")
+  parser.add_argument("--reps", type=report.positive_int,
+                      default=5, help="timings per rule and backend")
   parser.add_argument("--learning-rate", type=float, default=0.05, help="SGD step size")
   parser.add_argument("--seed", type=int, default=0, help="seed (model, batches)")
   parser.add_argument("--out", default=os.path.join("results", "bench"), help="output folder")

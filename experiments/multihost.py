@@ -197,12 +197,14 @@ def parse_args(argv: Optional[Sequence[str]] = None):
                       help="spawn P local processes (and one reference process with all "
                            "the devices) and compare them; the rest is set for you")
   parser.add_argument("--process-id", type=int, default=0, help="this process's id")
-  parser.add_argument("--num-processes", type=report.positive_int, default=1, help="processes in all")
+  parser.add_argument("--num-processes", type=report.positive_int,
+                      default=1, help="processes in all")
   parser.add_argument("--coordinator", default="127.0.0.1:12355",
                       help="host:port of process 0's coordinator")
   parser.add_argument("--local-devices", type=report.positive_int, default=4,
                       help="CPU devices per process (ignored on GPU/TPU)")
-  parser.add_argument("--steps", type=report.positive_int, default=5, help="training steps per configuration")
+  parser.add_argument("--steps", type=report.positive_int,
+                      default=5, help="training steps per configuration")
   parser.add_argument("--configs", default=",".join(CONFIGS),
                       help=f"comma-separated, from {', '.join(CONFIGS)}")
   parser.add_argument("--out", default="results/multihost", help="output directory")

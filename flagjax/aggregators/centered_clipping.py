@@ -70,7 +70,8 @@ def centered_clipping_coefficients(K: jax.Array, *, tau: float = 10.0,
 
   def step(_, a):
     Ka = jnp.matmul(K, a, precision=tree_lib.HIGHEST)
-    sq_dist = jnp.maximum(diag - 2 * Ka[:num_rows] + jnp.dot(a, Ka, precision=tree_lib.HIGHEST), 0)
+    aKa = jnp.dot(a, Ka, precision=tree_lib.HIGHEST)
+    sq_dist = jnp.maximum(diag - 2 * Ka[:num_rows] + aKa, 0)
     dist = jnp.sqrt(sq_dist)
     # min(1, tau / dist) written so that dist = 0 gives 1, never tau / 0.
     scale = jnp.where(dist > tau, tau / jnp.where(dist > tau, dist, 1), 1)

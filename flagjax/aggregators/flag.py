@@ -315,7 +315,8 @@ def _subspace_basis(problem: _Problem, weights: jax.Array, pair_weights: jax.Arr
     adjacency = adjacency + adjacency.T
     laplacian = jnp.diag(jnp.sum(adjacency, axis=1)) - adjacency
     M = jnp.diag(weights) + laplacian
-    H = jnp.matmul(jnp.matmul(R, M, precision=tree_lib.HIGHEST), R.T, precision=tree_lib.HIGHEST)
+    RM = jnp.matmul(R, M, precision=tree_lib.HIGHEST)
+    H = jnp.matmul(RM, R.T, precision=tree_lib.HIGHEST)
   # Dropped eigen-directions of G are exact zero rows/columns of H; shifting them below the
   # whole spectrum keeps them out of the top r whatever the rounding of the positive part.
   shift = jnp.trace(H) + 1

@@ -107,7 +107,8 @@ def geometric_median_coefficients(K: jax.Array, *, max_iters: int = 100, tol: fl
     total = jnp.sum(w)
     target = w / jnp.where(total > 0, total, 1)
     step = target - c
-    pull = total * jnp.sqrt(jnp.maximum(jnp.dot(step, matvec(step), precision=tree_lib.HIGHEST), 0))
+    step_sq_norm = jnp.dot(step, matvec(step), precision=tree_lib.HIGHEST)
+    pull = total * jnp.sqrt(jnp.maximum(step_sq_norm, 0))
     count = jnp.sum(coincident).astype(dtype)
     stay = jnp.where(count > 0, jnp.minimum(1, count / jnp.where(pull > 0, pull, 1)), 0)
     stay = jnp.where((count > 0) & (pull <= 0), 1, stay)

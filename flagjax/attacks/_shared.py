@@ -37,9 +37,10 @@ def honest_std(honest32: PyTree, mean32: PyTree, h: int) -> PyTree:
   """Per-coordinate population standard deviation, two-pass (stable for large means).
 
   Written as fused sums over the rows (:func:`flagjax.core.tree.fold_rows`), so no
-  ``[h, ...]`` temporary of squared deviations is ever written. The deviations are divided by their
-  per-coordinate largest magnitude ``m`` before squaring (``std = m * sqrt(mean((dev /
-  m)^2))``), so rows near the float maximum (1e30 in float32) give a finite std.
+  ``[h, ...]`` temporary of squared deviations is ever written. The deviations are divided
+  by their per-coordinate largest magnitude ``m`` before squaring (``std = m *
+  sqrt(mean((dev / m)^2))``), so rows near the float maximum (1e30 in float32) give a
+  finite std.
   """
   def leaf_fn(leaf, mean):
     peak = tree_lib.fold_rows(leaf, jnp.zeros_like(mean),
@@ -56,7 +57,7 @@ def repeat_row(row: PyTree, f: int, like: PyTree) -> PyTree:
   """``f`` copies of ``row`` stacked on a leading axis, in the output dtypes of ``like``'s
   leaves (:func:`flagjax.core.tree.output_dtype`: floating point kept, integers -> float32)."""
   def leaf_fn(r, leaf):
-    r = r.astype(tree_lib.output_dtype(leaf.dtype))
+    r = tree_lib.to_output(r, leaf.dtype)
     if f <= 1:
       return jnp.broadcast_to(r[None], (f,) + r.shape)
     # zeros_like(r): the buffer has r's sharding type (varying inside shard_map).

@@ -141,7 +141,7 @@ def _optimal_attack(name: str, rows_fn, rule: Callable, search_range, num_points
     else:
       if trusts_server:
         rule_kwargs["server_update"] = jax.tree.map(
-            lambda m, x: m.astype(tree_lib.output_dtype(x.dtype)), mean32, honest)
+            lambda m, x: tree_lib.to_output(m, x.dtype), mean32, honest)
       damage = lambda factor: _damage(rule, rule_kwargs, honest, make_rows(factor), mean32,
                                       axis_name)
     factor, _ = search_factor(damage, lower, upper, num_points=num_points,
@@ -488,7 +488,7 @@ def fang(honest: PyTree, f: int, key: jax.Array, *, b: float = 2.0, axis_name=No
     hi = jnp.where(lower_side, w_min,
                    jnp.where(w_max > 0, bb * w_max, w_max / bb))
     u = jax.random.uniform(leaf_key, (f,) + leaf.shape[1:], leaf.dtype)
-    return (lo[None] + u * (hi - lo)[None]).astype(tree_lib.output_dtype(like.dtype))
+    return tree_lib.to_output(lo[None] + u * (hi - lo)[None], like.dtype)
 
   rows = [leaf_rows(leaf, m, k, like) for leaf, m, k, like in
           zip(leaves, jax.tree.leaves(mean32), keys, jax.tree.leaves(honest))]

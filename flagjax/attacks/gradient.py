@@ -51,8 +51,8 @@ def gaussian(honest: PyTree, f: int, key: jax.Array, *, mu: float = 0.0, sigma: 
   checks.check_real("gaussian", "sigma", sigma, minimum=0)
   leaves, treedef = jax.tree.flatten(honest)
   keys = jax.random.split(key, len(leaves))
-  rows = [(mu + sigma * jax.random.normal(k, (f,) + leaf.shape[1:],
-                                          tree_lib.compute_dtype(leaf.dtype))).astype(tree_lib.output_dtype(leaf.dtype))
+  rows = [tree_lib.to_output(mu + sigma * jax.random.normal(
+              k, (f,) + leaf.shape[1:], tree_lib.compute_dtype(leaf.dtype)), leaf.dtype)
           for leaf, k in zip(leaves, keys)]
   return jax.tree.unflatten(treedef, rows)
 
@@ -88,8 +88,9 @@ def uniform(honest: PyTree, f: int, key: jax.Array, *, minval: float = 0.0,
     checks.require("uniform", minval < maxval, "minval < maxval", minval=minval, maxval=maxval)
   leaves, treedef = jax.tree.flatten(honest)
   keys = jax.random.split(key, len(leaves))
-  rows = [jax.random.uniform(k, (f,) + leaf.shape[1:], tree_lib.compute_dtype(leaf.dtype),
-                             minval, maxval).astype(tree_lib.output_dtype(leaf.dtype))
+  rows = [tree_lib.to_output(jax.random.uniform(
+              k, (f,) + leaf.shape[1:], tree_lib.compute_dtype(leaf.dtype), minval, maxval),
+              leaf.dtype)
           for leaf, k in zip(leaves, keys)]
   return jax.tree.unflatten(treedef, rows)
 
