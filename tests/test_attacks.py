@@ -19,6 +19,7 @@ from flagjax import aggregators
 from flagjax import attacks
 from flagjax.attacks import adaptive
 from flagjax.core import gram as gram_lib
+from flagjax.core import tree as tree_lib
 from tests import helpers
 
 KEY = jax.random.key(0)
@@ -130,7 +131,6 @@ class GradientAttackTest(chex.TestCase):
     # Beyond FOLD_UNROLL_MAX_ROWS the per-row statistics (ALIE's std, Fang's extremes) are a
     # fori_loop: the same formulas, and a program that does not grow with h (unrolled, ALIE
     # over 1,000 rows compiled in ~5-7 s).
-    from flagjax.core import tree as tree_lib
     h = tree_lib.FOLD_UNROLL_MAX_ROWS + 44
     x = helpers.random_rows(11, h, 30) + 5.0
     x[:, 2] = 1.5                                                # a constant column
