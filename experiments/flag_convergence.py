@@ -222,14 +222,27 @@ def training_table(num_steps: int) -> list[str]:
   ]
 
 
+def _training_steps(text: str) -> int:
+  """An argparse type: 0 (no training table) or an integer >= 2 (the warm-start rows compare
+  each step with the previous one, so one step leaves them empty)."""
+  try:
+    value = int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"expected 0 or an integer >= 2, got {text!r}") from None
+  if value < 0 or value == 1:
+    raise argparse.ArgumentTypeError(f"expected 0 or an integer >= 2, got {text!r}")
+  return value
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m experiments.flag_convergence",
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--problems", type=report.positive_int, default=5, help="problems per family")
   parser.add_argument("--restarts", type=report.positive_int, default=40,
                       help="random starts of the Grassmannian reference per problem")
-  parser.add_argument("--training-steps", type=int, default=40,
-                      help="steps of the digits-MLP run for the second table (0: skip it)")
+  parser.add_argument("--training-steps", type=_training_steps, default=40,
+                      help="steps of the digits-MLP run for the second table, at least 2 "
+                           "(each step is compared with the one before it; 0: skip the table)")
   args = parser.parse_args(argv)
   import inspect
   from flagjax import aggregators

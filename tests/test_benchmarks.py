@@ -83,6 +83,17 @@ def test_sizes_below_one_are_usage_errors(capsys, module, option, value):
   assert report.positive_sizes("1e6, 32") == [10**6, 32]
 
 
+@pytest.mark.parametrize("value", ["-3", "1", "x"])
+def test_flag_convergence_training_steps_is_zero_or_at_least_two(capsys, value):
+  # '-3' was accepted and printed an empty table header; '1' crashed on max() of the empty
+  # warm-start list (the first step has no previous step to start from).
+  from experiments import flag_convergence
+  with pytest.raises(SystemExit) as exit_info:
+    flag_convergence.main(["--training-steps", value])
+  assert exit_info.value.code == 2
+  assert "expected 0 or an integer >= 2" in capsys.readouterr().err
+
+
 def test_bench_throughput_tiny(tmp_path):
   results = bench_throughput.main([
       "--rules", "median", "--backends", "vmap,shard_map", "--steps", "2",

@@ -477,6 +477,7 @@ def np_grassmann_best(x, rank, lam, restarts=30, seed=0):
   pairs = np.array(pairs) if lam > 0 else np.zeros((0, a.shape[1]))
 
   def value_and_grad(Z, smooth):
+    # smooth = 0 (the final, exact value) may meet a zero sine: its gradient is not used.
     total, grad = 0.0, np.zeros_like(Z)
     for vectors, scale in ((a, 1.0), (pairs, lam / max(len(pairs), 1))):
       if not len(vectors):
@@ -484,7 +485,8 @@ def np_grassmann_best(x, rank, lam, restarts=30, seed=0):
       p = vectors @ Z
       sines = np.sqrt(np.maximum(1 - np.sum(p * p, 1), 0) + smooth)
       total += scale * sines.sum()
-      grad -= scale * vectors.T @ (p / sines[:, None])
+      if smooth > 0:
+        grad -= scale * vectors.T @ (p / sines[:, None])
     return total, grad - Z @ (Z.T @ grad)
 
   rng = np.random.default_rng(seed)
