@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from flagjax.core import checks
 from flagjax.core import gram as gram_lib
+from flagjax.core import safe_math
 from flagjax.core import tree as tree_lib
 
 __all__ = [
@@ -72,7 +73,7 @@ def centered_clipping_coefficients(K: jax.Array, *, tau: float = 10.0,
     Ka = jnp.matmul(K, a, precision=tree_lib.HIGHEST)
     aKa = jnp.dot(a, Ka, precision=tree_lib.HIGHEST)
     sq_dist = jnp.maximum(diag - 2 * Ka[:num_rows] + aKa, 0)
-    dist = jnp.sqrt(sq_dist)
+    dist = safe_math.sqrt(sq_dist)
     # min(1, tau / dist) written so that dist = 0 gives 1, never tau / 0.
     scale = jnp.where(dist > tau, tau / jnp.where(dist > tau, dist, 1), 1)
     scale = jnp.where(row_mask, scale, 0) / num_rows
@@ -135,7 +136,7 @@ def centered_clipping_row_coefficients(x, center=None, *, tau: float = 10.0,
     if center is None:
       distances = gram_lib.row_norms(x, axis_name=axis_name)
     else:
-      distances = jnp.sqrt(gram_lib.sq_distances_to(x, center, axis_name=axis_name))
+      distances = safe_math.sqrt(gram_lib.sq_distances_to(x, center, axis_name=axis_name))
     return _one_step_coefficients(distances, tau)
   if center is None:
     K = gram_lib.gram(x, axis_name=axis_name, centered=True, origin=True)

@@ -138,6 +138,12 @@ _PAIR_MIN_RESOLVED = 0.99
 DEFAULT_NUM_STARTS = 1
 # IRLS updates at most, by default (see flag_solve, "max_iters").
 DEFAULT_MAX_ITERS = 20
+# Why flag refuses jax.grad / jax.jvp (core.checks.refuse_derivative): the iterates are
+# eigenbases of n x n matrices whose repeated eigenvalues (the zeros of a rank-deficient
+# Gram, the dropped directions, a degenerate top-r group) make LAPACK's eigenvector
+# derivatives NaN, and the derivative of a capped iteration is not the fixed point's.
+_NOT_DIFFERENTIABLE = ("its IRLS iterates are eigenbases with repeated eigenvalues (their "
+                       "derivatives are undefined) and it stops on a data-dependent test")
 
 
 class FlagResult(NamedTuple):
@@ -490,6 +496,7 @@ def flag_solve_gram(K: jax.Array, *, rank: Optional[int] = None, lam=0.0,
   n = K.shape[0]
   num_columns = _check_hparams(n, rank, lam, max_iters, tol, eps, scale)
   num_starts = checks.check_int("flag", "num_starts", num_starts, minimum=1)
+  K = checks.refuse_derivative("flag", _NOT_DIFFERENTIABLE, K)
   problem = _problem(K, num_columns, lam)
   starts = _start_weights(problem, num_starts)
   if num_starts == 1:

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 
 from flagjax.core import checks
 from flagjax.core import gram as gram_lib
+from flagjax.core import safe_math
 from flagjax.core import tree as tree_lib
 
 PyTree = tree_lib.PyTree
@@ -49,7 +50,7 @@ def honest_std(honest32: PyTree, mean32: PyTree, h: int) -> PyTree:
     total = tree_lib.fold_rows(
         leaf, jnp.zeros_like(mean),
         lambda total, row, _: total + jnp.square((row - mean) * inverse))
-    return peak * jnp.sqrt(total / h)
+    return peak * safe_math.sqrt(total / h)
   return jax.tree.map(leaf_fn, honest32, mean32)
 
 

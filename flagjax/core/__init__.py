@@ -15,10 +15,13 @@ exact search over subsets of ``n - f`` rows: MDA, SMEA), :mod:`flagjax.core.samp
 :mod:`flagjax.core.clustering` (mean shift and agglomerative clustering of the ``n`` rows:
 SignGuard, Clipped Clustering).
 
-:mod:`flagjax.core.tree` holds the pytree and dtype conventions and :mod:`flagjax.core.checks`
-the trace-time bound checks. No core imports a rule.
+:mod:`flagjax.core.tree` holds the pytree and dtype conventions, :mod:`flagjax.core.checks`
+the trace-time bound checks and :mod:`flagjax.core.safe_math` the square root with a finite
+derivative at 0 that every norm is taken with. No core imports a rule.
 """
 
-from flagjax.core import checks, clustering, gram, sampling, sorting, spectral, subsets, tree
+from flagjax.core import (checks, clustering, gram, safe_math, sampling, sorting, spectral,
+                          subsets, tree)
 
-__all__ = ["checks", "clustering", "gram", "sampling", "sorting", "spectral", "subsets", "tree"]
+__all__ = ["checks", "clustering", "gram", "safe_math", "sampling", "sorting", "spectral",
+           "subsets", "tree"]

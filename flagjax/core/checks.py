@@ -7,11 +7,17 @@ raises a ``ValueError`` that names the rule and the bound, e.g.
 
 from __future__ import annotations
 
+import functools
+
+import jax
+
 __all__ = [
+    "NotDifferentiableError",
     "check_int",
     "check_key",
     "check_num_byzantine",
     "check_real",
+    "refuse_derivative",
     "require",
 ]
 
@@ -113,3 +119,28 @@ def check_key(rule: str, key) -> None:
     return
   raise ValueError(f"{rule} needs a jax.random key (jax.random.key(seed) or PRNGKey), got "
                    f"{type(key).__name__} of dtype {dtype} and shape {jnp.shape(key)}")
+
+
+class NotDifferentiableError(ValueError):
+  """A derivative was asked of a rule that does not define one (:func:`refuse_derivative`)."""
+
+
+def refuse_derivative(rule: str, reason: str, value):
+  """``value`` unchanged; a derivative through it (``jax.grad``, ``jax.jvp``) raises
+  :class:`NotDifferentiableError` naming ``rule`` and ``reason`` when traced, instead of the
+  NaN or meaningless numbers the rule's internals would give. A tangent that is
+  identically zero (``jax.lax.stop_gradient``, or differentiating with respect to
+  something the value does not depend on) passes: JAX skips the rule then."""
+  return _refused(rule, reason, value)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _refused(rule, reason, value):
+  return value
+
+
+@_refused.defjvp
+def _refused_jvp(rule, reason, primals, tangents):
+  raise NotDifferentiableError(
+      f"{rule} is not differentiable: {reason}. Wrap its input in jax.lax.stop_gradient to "
+      f"treat it as data.")

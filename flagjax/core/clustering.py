@@ -11,6 +11,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from flagjax.core import safe_math
 from flagjax.core import tree as tree_lib
 
 __all__ = [
@@ -26,7 +27,7 @@ _STOP_FRACTION = 1e-3
 
 
 def _pairwise_distances(a: jax.Array, b: jax.Array) -> jax.Array:
-  return jnp.sqrt(jnp.sum(jnp.square(a[:, None, :] - b[None, :, :]), axis=-1))
+  return safe_math.sqrt(jnp.sum(jnp.square(a[:, None, :] - b[None, :, :]), axis=-1))
 
 
 def mean_shift_bandwidth(points: jax.Array, active: jax.Array, quantile: float) -> jax.Array:
@@ -85,7 +86,7 @@ def largest_mean_shift_cluster(points: jax.Array, active: jax.Array, *,
   def body(carry):
     centres, moving, iteration = carry
     new = shift(centres)
-    moved = jnp.sqrt(jnp.sum(jnp.square(new - centres), axis=1))
+    moved = safe_math.sqrt(jnp.sum(jnp.square(new - centres), axis=1))
     centres = jnp.where(moving[:, None], new, centres)
     return centres, moving & (moved > stop), iteration + 1
 

@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from flagjax.core import safe_math
 from flagjax.core import tree as tree_lib
 
 __all__ = [
@@ -365,7 +366,7 @@ def clean_gram(K: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 def norms(K: jax.Array) -> jax.Array:
   """Row norms :math:`|x_i| = \\sqrt{K_{ii}}` (NaN/Inf for non-finite rows)."""
-  return jnp.sqrt(jnp.maximum(jnp.diagonal(K), 0))
+  return safe_math.sqrt(jnp.maximum(jnp.diagonal(K), 0))
 
 
 def sq_distances(K: jax.Array) -> jax.Array:
@@ -679,10 +680,10 @@ def row_norms(x: PyTree, *, axis_name=None) -> jax.Array:
 
   def scaled_norms(_):
     (scaled,) = _sums_of_squares(x, (2.0 ** -exponent,), axis_name)
-    return jnp.sqrt(scaled) * jnp.asarray(2.0 ** exponent, dtype)
+    return safe_math.sqrt(scaled) * jnp.asarray(2.0 ** exponent, dtype)
 
   big = jax.lax.cond(rescue, scaled_norms, lambda _: jnp.full_like(plain, jnp.inf), None)
-  return jnp.where(jnp.isfinite(plain), jnp.sqrt(plain), jnp.where(overflow, big, plain))
+  return jnp.where(jnp.isfinite(plain), safe_math.sqrt(plain), jnp.where(overflow, big, plain))
 
 
 def nonfinite_rows(x: PyTree, *, axis_name=None) -> jax.Array:

@@ -28,6 +28,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from flagjax.core import safe_math
 from flagjax.core import tree as tree_lib
 
 __all__ = [
@@ -228,12 +229,40 @@ def certified_top_eigenpair(M: jax.Array) -> tuple[jax.Array, jax.Array]:
   return value * power, vector
 
 
+@jax.custom_jvp
 def symmetric_top_eigenpair(M: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """``(lambda_max, unit eigenvector)`` of a symmetric PSD ``[m, m]`` matrix: LAPACK's ``eigh``
-  below :data:`LANCZOS_MIN_ROWS` rows, :func:`certified_top_eigenpair` from there on."""
+  r"""``(lambda_max, unit eigenvector)`` of a symmetric PSD ``[m, m]`` matrix: LAPACK's ``eigh``
+  below :data:`LANCZOS_MIN_ROWS` rows, :func:`certified_top_eigenpair` from there on.
+
+  Differentiable (both modes, either path) by first-order perturbation theory of the top pair
+  alone (Golub & Van Loan, 4th ed., §8.1.2): :math:`d\lambda = a^	op dM\, a` and
+  :math:`da = (\lambda I - M)^+ dM\, a`, the pseudo-inverse over the eigenvalues separated from
+  :math:`\lambda` by more than ``8 m eps |M|`` (a top eigenvalue inside a cluster has no
+  derivative of its vector; that part is 0). ``jnp.linalg.eigh``'s own derivative divides by
+  every pair of eigenvalues, so the repeated zeros of a rank-deficient covariance (n > d,
+  duplicated rows, rows of weight 0) made it NaN although the top pair is differentiable.
+  """
   if M.shape[0] >= LANCZOS_MIN_ROWS:
     return certified_top_eigenpair(M)
   return _eigh_top(M)
+
+
+@symmetric_top_eigenpair.defjvp
+def _symmetric_top_eigenpair_jvp(primals, tangents):
+  (M,), (dM,) = primals, tangents
+  value, vector = symmetric_top_eigenpair(M)
+  values, vectors = jnp.linalg.eigh(M)
+  m = M.shape[0]
+  separation = 8 * m * jnp.finfo(M.dtype).eps * jnp.max(jnp.abs(values))
+  gaps = value - values
+  separated = gaps > separation
+  inverse_gaps = jnp.where(separated, 1 / jnp.where(separated, gaps, 1), 0)
+  dM = 0.5 * (dM + dM.T)
+  dM_a = jnp.matmul(dM, vector, precision=tree_lib.HIGHEST)
+  d_value = jnp.where(value > 0, jnp.dot(vector, dM_a, precision=tree_lib.HIGHEST), 0)
+  along = jnp.matmul(vectors.T, dM_a, precision=tree_lib.HIGHEST) * inverse_gaps
+  d_vector = jnp.matmul(vectors, along, precision=tree_lib.HIGHEST)
+  return (value, vector), (d_value, d_vector)
 
 
 def top_eigenpair(K: jax.Array, weights: jax.Array) -> TopEigenpair:
@@ -251,7 +280,7 @@ def top_eigenpair(K: jax.Array, weights: jax.Array) -> TopEigenpair:
     :class:`TopEigenpair`.
   """
   G = centered_gram(K, weights)
-  root = jnp.sqrt(jnp.maximum(weights, 0))
+  root = safe_math.sqrt(jnp.maximum(weights, 0))
   M = root[:, None] * G * root[None, :]
   value, a = symmetric_top_eigenpair(M)
   positive = value > 0
