@@ -113,8 +113,16 @@ def result_dtype(x: PyTree) -> jnp.dtype:
 
 
 def rows(leaf: jax.Array) -> list[jax.Array]:
-  """The n worker rows of one leaf as a Python list (static slices; XLA fuses them)."""
-  return [leaf[i] for i in range(leaf.shape[0])]
+  """The n worker rows of one leaf as a Python list (static slices; XLA fuses them).
+
+  One ``split``, not ``n`` indexings: the same slices forward, and its transpose (reverse
+  mode) is one ``concatenate`` where ``n`` indexings give ``n`` zero-padded copies summed,
+  which XLA fused into one kernel that LLVM compiled for seconds (the gradient of MeaMed
+  over 11 rows: 8 s).
+  """
+  if leaf.shape[0] == 0:
+    return []
+  return [part.reshape(leaf.shape[1:]) for part in jnp.split(leaf, leaf.shape[0])]
 
 
 # Up to this many rows :func:`fold_rows` unrolls its loop; beyond, a fori_loop.
@@ -132,8 +140,8 @@ def fold_rows(leaf: jax.Array, init, step, *, start: int = 0):
   n = leaf.shape[0]
   if n - start <= FOLD_UNROLL_MAX_ROWS:
     carry = init
-    for i in range(start, n):
-      carry = step(carry, leaf[i], i)
+    for i, row in enumerate(rows(leaf)[start:]):
+      carry = step(carry, row, start + i)
     return carry
   return jax.lax.fori_loop(
       start, n,
