@@ -20,6 +20,7 @@ from flagjax.attacks._shared import (alie_rows, check_counts, compute, honest_me
                                      honest_std, repeat_row)
 from flagjax.core import checks
 from flagjax.core import gram as gram_lib
+from flagjax.core import safe_math
 from flagjax.core import tree as tree_lib
 
 __all__ = ["PERTURBATIONS", "fang", "min_max", "min_sum", "optimal_alie", "optimal_ipm",
@@ -299,9 +300,11 @@ def _perturbation(perturbation: str, honest32: PyTree, mean32: PyTree, h: int,
 
 def _power_of_two_peak(trees, axis_name) -> jax.Array:
   """The smallest power of two at or above every magnitude in ``trees`` (``pmax``-ed over
-  shards); 1 when they are all zero or not finite."""
+  shards); 1 when they are all zero or not finite. A power of two is piecewise constant: no
+  derivative (``stop_gradient``, so that reverse mode need not pass the ``pmax``, which has
+  no differentiation rule)."""
   peak = jnp.float32(0)
-  for leaf in jax.tree.leaves(trees):
+  for leaf in jax.tree.leaves(jax.lax.stop_gradient(trees)):
     peak = jnp.maximum(peak, jnp.max(jnp.abs(leaf), initial=0).astype(jnp.float32))
   if axis_name is not None:
     peak = jax.lax.pmax(peak, axis_name)
@@ -328,7 +331,7 @@ def _largest_root(a: jax.Array, c: jax.Array, slack: jax.Array) -> jax.Array:
   r"""Largest :math:`\gamma` with :math:`a\gamma^2 - 2c\gamma \le \text{slack}` (``a > 0``,
   ``slack >= 0``): :math:`(c + \sqrt{c^2 + a\,\text{slack}})/a`, written without
   cancellation for ``c < 0`` as :math:`\text{slack}/(\sqrt{c^2 + a\,\text{slack}} - c)`."""
-  root = jnp.sqrt(jnp.square(c) + a * slack)
+  root = safe_math.sqrt(jnp.square(c) + a * slack)
   safe_a = jnp.where(a > 0, a, 1.0)
   denominator = root - c
   safe_denominator = jnp.where(denominator > 0, denominator, 1.0)
@@ -427,7 +430,7 @@ def min_sum(honest: PyTree, f: int, key: Optional[jax.Array] = None, *,
   def gamma_fn(a, c, e, D, h):
     del c
     slack = jnp.maximum(jnp.max(jnp.sum(D, axis=1)) - jnp.sum(e), 0.0)
-    return jnp.sqrt(slack / (h * jnp.where(a > 0, a, 1.0)))
+    return safe_math.sqrt(slack / (h * jnp.where(a > 0, a, 1.0)))
   return _manipulation("min_sum", gamma_fn, honest, f, perturbation, axis_name)
 
 

@@ -624,9 +624,18 @@ def solve_once(solve, K: PyTree, *, axis_name=None) -> PyTree:
 
   Returns:
     ``solve(K)``, on every device.
+
+  Differentiable: the bits carry no derivative, so a JVP (and reverse mode through it) runs
+  ``jax.jvp(solve)`` on every device instead, its tangent beside this function's primal.
   """
   if axis_name is None:
     return solve(K)
+  return _solve_on_first(solve, axis_name, K)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _solve_on_first(solve, axis_name, K):
+  """:func:`solve_once` under ``axis_name``: the first device solves, one ``psum`` shares it."""
   shapes = jax.eval_shape(solve, K)
   leaves, treedef = jax.tree.flatten(shapes)
   if not leaves:
@@ -646,6 +655,15 @@ def solve_once(solve, K: PyTree, *, axis_name=None) -> PyTree:
   return jax.tree.unflatten(treedef, [
       _from_words(words[start:stop], leaf)
       for leaf, start, stop in zip(leaves, offsets[:-1], offsets[1:])])
+
+
+@_solve_on_first.defjvp
+def _solve_on_first_jvp(solve, axis_name, primals, tangents):
+  # Before: the int32 words had a zero derivative, so the sharded gradient of CAF silently
+  # left out how its weights move with the rows (0.1 off the unsharded one).
+  (K,), (dK,) = primals, tangents
+  _, d_solution = jax.jvp(solve, (K,), (dK,))
+  return _solve_on_first(solve, axis_name, K), d_solution
 
 
 # Power-of-two scale of the overflow-safe second sum in :func:`row_norms` (exact scaling).
