@@ -17,12 +17,17 @@ def coordinate_mesh():
 def run_coordinate_sharded(rule, x, **hparams):
   """Runs ``rule(x_shard, axis_name="coords", **hparams)`` with coordinates split 8 ways.
 
-  Every leaf of ``x`` is ``[n, d_leaf]`` with ``d_leaf`` divisible by 8; the shard outputs are
-  concatenated back, so the result is comparable with the unsharded ``rule(x, **hparams)``.
+  Every leaf of ``x`` is ``[n, d_leaf]`` with ``d_leaf`` divisible by 8; each output leaf is
+  sharded on its last axis (a rule's ``[d]``, a pre-aggregator's or an attack's ``[m, d]``)
+  and gathered back, so the result is comparable with the unsharded ``rule(x, **hparams)``.
+  Differentiable, like the rule.
   """
   mesh = coordinate_mesh()
-  fn = jax.shard_map(lambda xs: rule(xs, axis_name="coords", **hparams), mesh=mesh,
-                     in_specs=P(None, "coords"), out_specs=P("coords"))
+  sharded_rule = lambda xs: rule(xs, axis_name="coords", **hparams)  # noqa: E731
+  # The output's rank per leaf, from the unsharded shapes (sharding keeps the rank).
+  out_shapes = jax.eval_shape(lambda xs: rule(xs, **hparams), x)
+  out_specs = jax.tree.map(lambda leaf: P(*([None] * (leaf.ndim - 1)), "coords"), out_shapes)
+  fn = jax.shard_map(sharded_rule, mesh=mesh, in_specs=P(None, "coords"), out_specs=out_specs)
   return jax.jit(fn)(x)
 
 

@@ -13,7 +13,6 @@ import scipy.integrate
 import scipy.ndimage
 import scipy.stats
 from absl.testing import parameterized
-from jax.sharding import PartitionSpec as P
 
 from flagjax import aggregators
 from flagjax import attacks
@@ -56,10 +55,8 @@ def damage(rule, honest, byzantine, **kw):
 
 def run_sharded(attack, honest, f):
   """``attack`` on coordinate shards of ``honest`` (``[h, d]``, d divisible by 8)."""
-  mesh = helpers.coordinate_mesh()
-  fn = jax.shard_map(lambda rows: attack(rows, f, KEY, axis_name="coords"), mesh=mesh,
-                     in_specs=P(None, "coords"), out_specs=P(None, "coords"))
-  return jax.jit(fn)(honest)
+  return helpers.run_coordinate_sharded(
+      lambda rows, **kw: attack(rows, f, KEY, **kw), honest)
 
 
 class GradientAttackTest(chex.TestCase):
@@ -374,10 +371,8 @@ class LossyLinkTest(chex.TestCase):
 
   def test_lossy_on_shards_draws_per_shard(self):
     x = helpers.random_rows(2, 4, 64) + 3.0
-    mesh = helpers.coordinate_mesh()
-    fn = jax.shard_map(lambda rows: attacks.lossy(0.5)(rows, KEY, axis_name="coords"),
-                       mesh=mesh, in_specs=P(None, "coords"), out_specs=P(None, "coords"))
-    out = np.asarray(jax.jit(fn)(x))
+    out = np.asarray(helpers.run_coordinate_sharded(
+        lambda rows, **kw: attacks.lossy(0.5)(rows, KEY, **kw), x))
     kept = out != 0
     np.testing.assert_array_equal(out[kept], x[kept])
     masks = kept.reshape(4, 8, 8).transpose(1, 0, 2)  # [shard, row, coordinate]

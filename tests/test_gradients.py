@@ -169,19 +169,6 @@ def test_derivative_through_the_bitonic_sort_equals_a_central_difference(name):
   np.testing.assert_allclose(derivative, expected, rtol=1e-5, atol=1e-7)
 
 
-def _coordinate_sharded(fn):
-  """``x -> fn(x)`` with the coordinates (last axis) of ``x`` split over the 8 devices."""
-  mesh = helpers.coordinate_mesh()
-
-  def run(x):
-    out_ndim = jax.eval_shape(fn, x).ndim
-    spec = jax.sharding.PartitionSpec(*([None] * (out_ndim - 1)), "coords")
-    return jax.shard_map(lambda shard: fn(shard, axis_name="coords"), mesh=mesh,
-                         in_specs=jax.sharding.PartitionSpec(None, "coords"),
-                         out_specs=spec)(x)
-  return run
-
-
 # (Fang draws its rows for the shard's shape, so its sharded rows differ by design.)
 @pytest.mark.parametrize("name", sorted(set(REVERSE) - {"fang"}))
 def test_coordinate_sharded_gradient_equals_the_unsharded_one(name):
@@ -192,7 +179,8 @@ def test_coordinate_sharded_gradient_equals_the_unsharded_one(name):
   x[5] = 0
   x = jnp.asarray(x)
   unsharded = jax.jit(jax.grad(weighted_sum(REVERSE[name])))(x)
-  sharded = jax.jit(jax.grad(weighted_sum(_coordinate_sharded(REVERSE[name]))))(x)
+  sharded_fn = lambda x: helpers.run_coordinate_sharded(REVERSE[name], x)  # noqa: E731
+  sharded = jax.jit(jax.grad(weighted_sum(sharded_fn)))(x)
   assert bool(jnp.all(jnp.isfinite(sharded)))
   np.testing.assert_allclose(np.asarray(sharded), np.asarray(unsharded), rtol=1e-5, atol=1e-5)
 
@@ -202,4 +190,4 @@ def test_flag_refuses_a_derivative_also_when_sharded():
   # gradient was the one with the subspace held fixed.
   x = jnp.asarray(np.random.default_rng(2).normal(size=(N, SHARDED_D)).astype(np.float32))
   with pytest.raises(checks.NotDifferentiableError, match="flag is not differentiable"):
-    jax.grad(weighted_sum(_coordinate_sharded(A.flag)))(x)
+    jax.grad(weighted_sum(lambda x: helpers.run_coordinate_sharded(A.flag, x)))(x)
