@@ -626,7 +626,9 @@ def solve_once(solve, K: PyTree, *, axis_name=None) -> PyTree:
     ``solve(K)``, on every device.
 
   Differentiable: the bits carry no derivative, so a JVP (and reverse mode through it) runs
-  ``jax.jvp(solve)`` on every device instead, its tangent beside this function's primal.
+  ``jax.jvp(solve)`` on every device instead, its tangent beside this function's primal. The
+  primal stays the shared one, so differentiating changes no value; the price is that the
+  first device solves twice when a derivative is asked for.
   """
   if axis_name is None:
     return solve(K)
