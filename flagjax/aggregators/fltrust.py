@@ -80,12 +80,7 @@ def fltrust(x, server_update, *, axis_name=None):
   server = jax.tree.map(lambda g: jnp.expand_dims(g, 0), server_update)
   server_norm = gram_lib.row_norms(server, axis_name=axis_name)[0]
   scale = jnp.where(server_norm > 0, 1 / server_norm, 0)
-  dots = 0
-  for leaf, g in zip(jax.tree.leaves(x), jax.tree.leaves(server_update)):
-    compute = tree_lib.compute_dtype(leaf.dtype)
-    unit = (g.reshape(-1).astype(compute) * scale.astype(compute))
-    dots = dots + jnp.matmul(leaf.reshape(n, -1).astype(compute), unit,
-                             precision=tree_lib.HIGHEST).astype(norms.dtype)
-  if axis_name is not None:
-    dots = jax.lax.psum(dots, axis_name)
+  units = jax.tree.map(lambda g: g.astype(tree_lib.compute_dtype(g.dtype))
+                       * scale.astype(tree_lib.compute_dtype(g.dtype)), server_update)
+  dots = gram_lib.products_with(x, units, axis_name=axis_name).astype(norms.dtype)
   return gram_lib.combine(trust_coefficients(norms, dots, server_norm), x)

@@ -61,6 +61,14 @@ def geometric_median_coefficients(K: jax.Array, *, max_iters: int = 100, tol: fl
   :math:`|z' - z| \le tol \cdot \max(|z' - r|, \mathrm{median}_i\, d_i)`, with ``r``
   the Gram's centring reference (a scale of the data, not of a common offset).
 
+  Derivative (``jax.grad``, ``jax.jvp``): that of the fixed point, not of the iterations
+  (implicit function theorem on the Weiszfeld map, one ``n x n`` pseudo-inverse; see
+  ``_weiszfeld_jvp``), so reverse mode goes through the ``while_loop`` and costs the same
+  however many steps ran. At a data row the answer moves with that row. A capped,
+  unconverged run gets the derivative at the point it reached (chosen over unrolling the
+  steps: the fixed point's is what a converged run's difference quotients give, and it
+  needs no memory per step).
+
   Args:
     K: Gram matrix ``[n, n]``, centred (:func:`flagjax.core.gram.gram` with
       ``centered=True``; the plain Gram gives the same point, with less precision when the
@@ -79,11 +87,33 @@ def geometric_median_coefficients(K: jax.Array, *, max_iters: int = 100, tol: fl
     associated data depth", PNAS 2000. Pillutla, Kakade, Harchaoui, "Robust Aggregation for
     Federated Learning", IEEE TSP 2022 (smoothed Weiszfeld, RFA).
   """
+  return _weiszfeld(K, max_iters, tol, nu)
+
+
+def _distances_to(c: jax.Array, Kc: jax.Array, diag: jax.Array):
+  """``(|x_i - z|^2 for every row, |z|^2)`` for ``z = c^T X``, from ``K c`` and ``diag K``."""
+  cKc = jnp.dot(c, Kc, precision=tree_lib.HIGHEST)
+  return jnp.maximum(diag - 2 * Kc + cKc, 0), cKc
+
+
+def _coincident(sq_dist, cKc, diag, finite, nu):
+  """The finite rows at ``z``: within ``nu``, or within the Gram's rounding of it."""
+  rounding = 256 * jnp.finfo(diag.dtype).eps
+  return finite & (sq_dist <= nu**2 + rounding * (diag + jnp.maximum(cKc, 0)))
+
+
+def _inverse_distance_weights(sq_dist, away, nu):
+  r"""Weiszfeld's weights :math:`1 / \max(d_i, \nu)` on the rows ``away`` from ``z``, else 0."""
+  return jnp.where(away, 1 / jnp.maximum(jnp.sqrt(jnp.where(away, sq_dist, 1)), nu), 0)
+
+
+@jax.custom_jvp
+def _weiszfeld(K, max_iters, tol, nu):
+  """The iterations of :func:`geometric_median_coefficients` (its derivative: below)."""
   D = gram_lib.sq_distances(K)
   K, finite = gram_lib.clean_gram(K)
   dtype = K.dtype
   diag = jnp.diagonal(K)
-  rounding = 256 * jnp.finfo(dtype).eps
   nu = jnp.asarray(nu, dtype)
 
   def matvec(c):
@@ -99,11 +129,9 @@ def geometric_median_coefficients(K: jax.Array, *, max_iters: int = 100, tol: fl
 
   def body(state):
     c, Kc = state.coefficients, state.gram_times_c
-    cKc = jnp.dot(c, Kc, precision=tree_lib.HIGHEST)
-    sq_dist = jnp.maximum(diag - 2 * Kc + cKc, 0)
-    coincident = finite & (sq_dist <= nu**2 + rounding * (diag + jnp.maximum(cKc, 0)))
-    away = finite & ~coincident
-    w = jnp.where(away, 1 / jnp.maximum(jnp.sqrt(jnp.where(away, sq_dist, 1)), nu), 0)
+    sq_dist, cKc = _distances_to(c, Kc, diag)
+    coincident = _coincident(sq_dist, cKc, diag, finite, nu)
+    w = _inverse_distance_weights(sq_dist, finite & ~coincident, nu)
     total = jnp.sum(w)
     target = w / jnp.where(total > 0, total, 1)
     step = target - c
@@ -125,6 +153,51 @@ def geometric_median_coefficients(K: jax.Array, *, max_iters: int = 100, tol: fl
 
   init = _WeiszfeldState(start, matvec(start), jnp.zeros((), jnp.int32), jnp.zeros((), bool))
   return jax.lax.while_loop(cond, body, init).coefficients
+
+
+@_weiszfeld.defjvp
+def _weiszfeld_jvp(primals, tangents):
+  r"""The derivative of the fixed point, by the implicit function theorem in ``n x n`` space.
+
+  Away from every row the answer solves :math:`c = T(c, K)`, the Weiszfeld map
+  :math:`T = w / \sum_i w_i`, so :math:`dc = (I - \partial_c T)^{+} \partial_K T\, dK`.
+  :math:`I - \partial_c T` is :math:`I` outside the span of the rows and, on it, the
+  objective's Hessian :math:`\sum_i (I - e_i e_i^\top) / d_i` over :math:`\sum_i w_i`:
+  invertible unless the minimum is not unique (all rows on a line, an even number of
+  them), where the pseudo-inverse takes the least-norm change. At a row (the median sits
+  on a data point, where it stays under small moves of the others) ``dc = 0``: ``z``
+  moves with that row.
+  """
+  K, max_iters, tol, nu = primals
+  dK = tangents[0]
+  c = _weiszfeld(K, max_iters, tol, nu)
+  K, finite = gram_lib.clean_gram(K)
+  dK = jnp.where(finite[:, None] & finite[None, :], dK, 0)
+  diag = jnp.diagonal(K)
+  nu = jnp.asarray(nu, K.dtype)
+  sq_dist, cKc = _distances_to(c, jnp.matmul(K, c, precision=tree_lib.HIGHEST), diag)
+  coincident = _coincident(sq_dist, cKc, diag, finite, nu)
+  away = finite & ~coincident
+
+  # Where dc is 0, every matrix below is kept finite as well: reverse mode transposes them,
+  # and a NaN there would turn the zero cotangent into NaN (0 * NaN).
+  implicit = ~jnp.any(coincident) & jnp.any(away)
+  at = jnp.where(jnp.isfinite(c), c, 0)   # NaN when no row is finite
+
+  def weiszfeld_map(c, K):
+    sq_dist, _ = _distances_to(c, jnp.matmul(K, c, precision=tree_lib.HIGHEST),
+                               jnp.diagonal(K))
+    w = _inverse_distance_weights(sq_dist, away, nu)
+    total = jnp.sum(w)
+    return w / jnp.where(total > 0, total, 1)
+
+  jacobian = jax.jacfwd(weiszfeld_map)(at, K)
+  _, moved = jax.jvp(lambda K: weiszfeld_map(at, K), (K,), (dK,))
+  inverse = jnp.linalg.pinv(jnp.eye(c.shape[0], dtype=K.dtype) - jacobian)
+  inverse = jnp.where(implicit & jnp.all(jnp.isfinite(inverse)), inverse, 0)
+  # where(), not a product: in reverse mode it also zeroes the cotangents of the rows left
+  # out, which are NaN when such a row holds NaN (the combination's d(c^T X)/dc_i = x_i).
+  return c, jnp.where(away, jnp.matmul(inverse, moved, precision=tree_lib.HIGHEST), 0)
 
 
 @gram_lib.rotation_equivariant
