@@ -235,7 +235,7 @@ def symmetric_top_eigenpair(M: jax.Array) -> tuple[jax.Array, jax.Array]:
   below :data:`LANCZOS_MIN_ROWS` rows, :func:`certified_top_eigenpair` from there on.
 
   Differentiable (both modes, either path) by first-order perturbation theory of the top pair
-  alone (Golub & Van Loan, 4th ed., §8.1.2): :math:`d\lambda = a^	op dM\, a` and
+  alone (Golub & Van Loan, 4th ed., §8.1.2): :math:`d\lambda = a^\top dM\, a` and
   :math:`da = (\lambda I - M)^+ dM\, a`, the pseudo-inverse over the eigenvalues separated from
   :math:`\lambda` by more than ``8 m eps |M|`` (a top eigenvalue inside a cluster has no
   derivative of its vector; that part is 0). ``jnp.linalg.eigh``'s own derivative divides by
@@ -249,19 +249,32 @@ def symmetric_top_eigenpair(M: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 @symmetric_top_eigenpair.defjvp
 def _symmetric_top_eigenpair_jvp(primals, tangents):
+  r""":math:`d\lambda = a^\top dM\, a`; :math:`da = B^{-1} (I - a a^\top) dM\, a` with
+  :math:`B = \lambda I - M + \lambda a a^\top`, which is :math:`(\lambda I - M)^+` on the
+  complement of ``a`` (``B a = \lambda a``, ``B v_k = (\lambda - \lambda_k) v_k``), and 0
+  when another eigenvalue lies within the separation of the top.
+
+  A solve rather than the sum over ``eigh``'s eigenvectors: the same first derivative, and
+  differentiable again (Hessian-vector products), where ``eigh``'s own derivative inside this
+  rule was NaN at the repeated zeros. The eigenvalues only decide the separation (a
+  piecewise-constant choice, under ``stop_gradient``).
+  """
   (M,), (dM,) = primals, tangents
   value, vector = symmetric_top_eigenpair(M)
-  values, vectors = jnp.linalg.eigh(M)
+  values = jnp.linalg.eigvalsh(jax.lax.stop_gradient(M))   # ascending
   m = M.shape[0]
   separation = 8 * m * jnp.finfo(M.dtype).eps * jnp.max(jnp.abs(values))
-  gaps = value - values
-  separated = gaps > separation
-  inverse_gaps = jnp.where(separated, 1 / jnp.where(separated, gaps, 1), 0)
+  runner_up = values[-2] if m > 1 else jnp.asarray(-jnp.inf, M.dtype)
+  simple = (value > 0) & (jax.lax.stop_gradient(value) - runner_up > separation)
   dM = 0.5 * (dM + dM.T)
   dM_a = jnp.matmul(dM, vector, precision=tree_lib.HIGHEST)
   d_value = jnp.where(value > 0, jnp.dot(vector, dM_a, precision=tree_lib.HIGHEST), 0)
-  along = jnp.matmul(vectors.T, dM_a, precision=tree_lib.HIGHEST) * inverse_gaps
-  d_vector = jnp.matmul(vectors, along, precision=tree_lib.HIGHEST)
+  identity = jnp.eye(m, dtype=M.dtype)
+  # B is only formed where it is invertible (else the identity, whose solve is discarded):
+  # a NaN in the branch not taken would come back as 0 * NaN in reverse mode.
+  B = jnp.where(simple, value * identity - M + value * jnp.outer(vector, vector), identity)
+  off_top = dM_a - vector * jnp.dot(vector, dM_a, precision=tree_lib.HIGHEST)
+  d_vector = jnp.where(simple, jnp.linalg.solve(B, off_top), 0)
   return (value, vector), (d_value, d_vector)
 
 
