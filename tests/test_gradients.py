@@ -66,6 +66,9 @@ ROBUST = sorted({"median", "trimmed_mean", "meamed", "phocas", "krum", "multi_kr
                  "centered_clipping", "mda", "monna", "normalized_mean", "caf", "smea", "dnc",
                  "signguard", "clipped_clustering", "fltrust", "geometric_median"})
 COORDINATEWISE = {"median", "trimmed_mean", "meamed", "phocas"}
+# Rules whose derivative runs through a hand-written JVP beyond the Gram and the combination
+# (the implicit fixed point, the top eigenpair, products with g0, the sorting comparators).
+OWN_JVP = {"geometric_median", "caf", "fltrust", "median", "centered_clipping"}
 SHARDED_D = 16   # coordinates, split 8 ways
 
 
@@ -238,10 +241,11 @@ def test_derivative_equals_a_central_difference_on_generic_rows(name):
     direction = jnp.asarray(np.random.default_rng(1).normal(size=x.shape))
     value = jax.jit(weighted_sum(fn))
     derivative = float(jnp.vdot(jax.jit(jax.grad(value))(x), direction))
-    forward = float(jax.jit(lambda x, t: jax.jvp(value, (x,), (t,))[1])(x, direction))
     expected = central_difference(value, x, direction)
+    if name in OWN_JVP:   # forward mode runs the hand-written rules directly
+      forward = float(jax.jit(lambda x, t: jax.jvp(value, (x,), (t,))[1])(x, direction))
+      np.testing.assert_allclose(forward, derivative, rtol=1e-9, atol=1e-12)
   np.testing.assert_allclose(derivative, expected, rtol=1e-5, atol=1e-7)
-  np.testing.assert_allclose(forward, derivative, rtol=1e-9, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", ["median", "trimmed_mean"])
@@ -308,7 +312,7 @@ def test_safe_sqrt_has_jnp_sqrt_s_values_and_a_finite_slope_at_zero():
   np.testing.assert_allclose(float(jax.grad(slope)(4.0)), -1 / 32)
 
 
-@pytest.mark.parametrize("name", ["caf", "geometric_median", "fltrust", "alie", "smea"])
+@pytest.mark.parametrize("name", ["caf", "geometric_median", "fltrust"])
 def test_hessian_vector_product_equals_a_central_difference_of_the_gradient(name):
   # Second order (a meta-learned defence, an attack that optimises through a gradient): CAF's
   # was NaN (safe_math.sqrt as a custom_jvp inside its scan) and, before that, wrong by 10%
