@@ -80,7 +80,8 @@ def fltrust(x, server_update, *, axis_name=None):
   server = jax.tree.map(lambda g: jnp.expand_dims(g, 0), server_update)
   server_norm = gram_lib.row_norms(server, axis_name=axis_name)[0]
   scale = jnp.where(server_norm > 0, 1 / server_norm, 0)
-  units = jax.tree.map(lambda g: g.astype(tree_lib.compute_dtype(g.dtype))
-                       * scale.astype(tree_lib.compute_dtype(g.dtype)), server_update)
+  # g0 / |g0| in each worker leaf's compute dtype, as before products_with existed.
+  units = jax.tree.map(lambda leaf, g: g.astype(tree_lib.compute_dtype(leaf.dtype))
+                       * scale.astype(tree_lib.compute_dtype(leaf.dtype)), x, server_update)
   dots = gram_lib.products_with(x, units, axis_name=axis_name).astype(norms.dtype)
   return gram_lib.combine(trust_coefficients(norms, dots, server_norm), x)

@@ -102,9 +102,12 @@ def _coincident(sq_dist, cKc, diag, finite, nu):
   return finite & (sq_dist <= nu**2 + rounding * (diag + jnp.maximum(cKc, 0)))
 
 
-def _inverse_distance_weights(sq_dist, away, nu):
-  r"""Weiszfeld's weights :math:`1 / \max(d_i, \nu)` on the rows ``away`` from ``z``, else 0."""
-  return jnp.where(away, 1 / jnp.maximum(jnp.sqrt(jnp.where(away, sq_dist, 1)), nu), 0)
+def _weiszfeld_target(sq_dist, away, nu):
+  r"""``(T, sum_i w_i)``: Weiszfeld's weights :math:`w_i = 1 / \max(d_i, \nu)` on the rows
+  ``away`` from ``z`` (else 0), normalised to the target coefficients ``T`` (0 if none)."""
+  w = jnp.where(away, 1 / jnp.maximum(jnp.sqrt(jnp.where(away, sq_dist, 1)), nu), 0)
+  total = jnp.sum(w)
+  return w / jnp.where(total > 0, total, 1), total
 
 
 @jax.custom_jvp
@@ -131,9 +134,7 @@ def _weiszfeld(K, max_iters, tol, nu):
     c, Kc = state.coefficients, state.gram_times_c
     sq_dist, cKc = _distances_to(c, Kc, diag)
     coincident = _coincident(sq_dist, cKc, diag, finite, nu)
-    w = _inverse_distance_weights(sq_dist, finite & ~coincident, nu)
-    total = jnp.sum(w)
-    target = w / jnp.where(total > 0, total, 1)
+    target, total = _weiszfeld_target(sq_dist, finite & ~coincident, nu)
     step = target - c
     step_sq_norm = jnp.dot(step, matvec(step), precision=tree_lib.HIGHEST)
     pull = total * jnp.sqrt(jnp.maximum(step_sq_norm, 0))
@@ -187,9 +188,7 @@ def _weiszfeld_jvp(primals, tangents):
   def weiszfeld_map(c, K):
     sq_dist, _ = _distances_to(c, jnp.matmul(K, c, precision=tree_lib.HIGHEST),
                                jnp.diagonal(K))
-    w = _inverse_distance_weights(sq_dist, away, nu)
-    total = jnp.sum(w)
-    return w / jnp.where(total > 0, total, 1)
+    return _weiszfeld_target(sq_dist, away, nu)[0]
 
   jacobian = jax.jacfwd(weiszfeld_map)(at, K)
   _, moved = jax.jvp(lambda K: weiszfeld_map(at, K), (K,), (dK,))
