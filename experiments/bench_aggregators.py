@@ -12,8 +12,9 @@ For every ``n`` (workers) and ``d`` (coordinates) of the grid, one random float3
 * the one-pass bound ``ones @ x`` (in JAX, and ``torch.ones(n) @ x`` for ByzFL's side).
 
 The grid (``--grid``, or ``--n``/``--d`` directly): ``default`` (n in {16, 32, 64}, d in {1e5,
-1e6, 1e7}, ~20 minutes); ``small-models`` (n in {16, 32}, d in {1e5, 1e6}: small models, where
-per-call overheads and the extra passes of a rule weigh most against ByzFL); ``many-workers``
+1e6, 1e7}; with ByzFL on 2 cores, 105 of its 234 rule timings took 59 minutes, so about two
+hours); ``small-models`` (n in {16, 32}, d in {1e5, 1e6}: small models, where per-call
+overheads and the extra passes of a rule weigh most against ByzFL); ``many-workers``
 (n in {128, 256, 1024}, d = 1e5, f = n/4: cross-device federated rounds; ByzFL's Python
 loops are too slow there, so pass ``--libraries flagjax``; SMEA keeps f = n/4 above n = 64 and
 reports its refusal); ``memory`` (n = 32, d = 1e7, with ``--memory``: XLA's memory plan of
